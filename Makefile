@@ -1,0 +1,41 @@
+# lorapipe: `make demo` (the main job) and `make test` (the suite) do all set-up themselves.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+TORCH_VER ?= 2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-unit test-integration bench clean
+
+install: $(STAMP)
+
+# torch goes in first: an unpinned torch pulled in by another package would be a multi-GB CUDA
+# build. Where a CUDA driver is present the default (CUDA) wheel is what we want instead.
+# deepspeed compiles against the installed torch, so it is built without isolation.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==$(TORCH_VER); fi
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lorapipe demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/integration
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_cpu.py
+
+clean:
+	rm -rf $(VENV) .demo runs mlruns mlflow.db

@@ -1,0 +1,175 @@
+"""Building, applying, counting, saving and loading LoRA adapters (PEFT format, safetensors)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from lora.errors import LoraInputError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # nn.Linear and bitsandbytes' Linear4bit (a subclass of nn.Linear) both qualify.
+    return isinstance(module, nn.Linear)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the model's linear layers, except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m) and m is not head}
+    return sorted(names)
+
+
+def targeted_linears(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) pairs LoRA will wrap, matched the way PEFT matches names."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, m in model.named_modules():
+        if not _is_linear(m) or m is head:
+            continue
+        if target_modules == "all-linear" or any(name == t or name.endswith("." + t) for t in target_modules):
+            found.append((name, m))
+    return found
+
+
+def build_lora_config(
+    model: nn.Module,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: Union[str, Sequence[str]] = "all-linear",
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    bias: str = "none",
+):
+    """A PEFT LoraConfig for a causal LM; names absent from the model are an error listing what exists."""
+    from peft import LoraConfig
+
+    if target_modules != "all-linear":
+        available = linear_module_names(model)
+        missing = [t for t in target_modules if t not in available]
+        if missing:
+            raise LoraInputError(
+                f"lora.target_modules {missing} not in the model; its linear layers are: {', '.join(available)}")
+        target_modules = list(target_modules)
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        bias=bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def expected_trainable_params(model: nn.Module, lora_config) -> int:
+    """r*(in+out) per wrapped linear, + out per layer for DoRA's magnitude, + trainable biases.
+
+    Computed from the base model's shapes alone (call it before applying the adapter).
+    """
+    tm = lora_config.target_modules
+    targets = targeted_linears(model, "all-linear" if tm == "all-linear" else sorted(tm))
+    r = lora_config.r
+    total = sum(r * (m.in_features + m.out_features) for _, m in targets)
+    if lora_config.use_dora:
+        total += sum(m.out_features for _, m in targets)
+    if lora_config.bias == "all":
+        total += sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") or n == "bias")
+    elif lora_config.bias == "lora_only":
+        total += sum(m.bias.numel() for _, m in targets if m.bias is not None)
+    return total
+
+
+def apply_lora(model: nn.Module, lora_config, *, gradient_checkpointing: bool = False):
+    """Wrap the frozen base with the adapter; the trainable count must equal the formula."""
+    from peft import get_peft_model
+
+    expected = expected_trainable_params(model, lora_config)
+    if gradient_checkpointing:
+        # Reentrant checkpointing: the non-reentrant variant raises CheckpointError on recompute
+        # with frozen params under ZeRO-3 in some versions. Inputs must carry grad for it to work.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora_config)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    if trainable != expected:
+        raise RuntimeError(f"PEFT made {trainable} trainable parameters, the shape formula says {expected}")
+    return peft_model
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(peft_model, out_dir: Union[str, Path], state_dict: dict | None = None) -> Path:
+    """Save in stock PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    out = Path(out_dir)
+    peft_model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+    return out
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: Union[str, Path], *, trainable: bool = False):
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise LoraInputError(f"no PEFT adapter at {adapter_dir} (missing {ADAPTER_CONFIG})")
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+
+
+def expected_adapter_shapes(adapter_config: dict, linear_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+    """lora_A: (r, in), lora_B: (out, r) for every wrapped layer name -> (out, in)."""
+    r = adapter_config["r"]
+    shapes = {}
+    for name, (out_f, in_f) in linear_shapes.items():
+        shapes[f"{name}.lora_A.weight"] = (r, in_f)
+        shapes[f"{name}.lora_B.weight"] = (out_f, r)
+    return shapes
+
+
+def verify_adapter_files(adapter_dir: Union[str, Path], expected_shapes: dict[str, tuple] | None = None) -> dict:
+    """Refuse an adapter that is empty, zero-sized or of the wrong shapes (the ZeRO-3 empty-save failure).
+
+    Returns {"tensors": n, "parameters": n, "norm": total L2 norm}.
+    """
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise RuntimeError(f"adapter at {adapter_dir} is incomplete (need {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    n_params, sq = 0, 0.0
+    names = []
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            names.append(key)
+            if t.numel() == 0:
+                raise RuntimeError(f"adapter tensor {key} is empty (shape {tuple(t.shape)}): parameters were not gathered")
+            n_params += t.numel()
+            sq += float(t.float().pow(2).sum())
+    if not names:
+        raise RuntimeError(f"adapter at {adapter_dir} holds no tensors")
+    if expected_shapes:
+        saved = {}
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        for suffix, shape in expected_shapes.items():
+            match = [k for k in saved if k.endswith(suffix)]
+            if not match:
+                raise RuntimeError(f"adapter misses tensor {suffix}")
+            if saved[match[0]] != tuple(shape):
+                raise RuntimeError(f"adapter tensor {match[0]} has shape {saved[match[0]]}, expected {tuple(shape)}")
+    if sq == 0.0:
+        raise RuntimeError(f"adapter at {adapter_dir} is all zeros")
+    return {"tensors": len(names), "parameters": n_params, "norm": sq ** 0.5}

@@ -1,0 +1,104 @@
+"""Loading the frozen base: full precision or 4-bit (QLoRA). QLoRA is decided here and only here."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora.errors import LoraInputError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def _check_source(path: str) -> None:
+    """A local-looking path must exist; anything else is treated as a hub id."""
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().exists():
+        raise LoraInputError(f"model path not found: {path}")
+
+
+def build_bnb_config(dtype: str, quantization: str, double_quant: bool, quant_storage: Optional[str]):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoraInputError(
+            f"model.quantization={quantization} needs bitsandbytes, which is not installed; "
+            "pip install bitsandbytes or set model.quantization=none")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(dtype),
+        # ZeRO-3 partitions parameters by dtype: packed 4-bit storage must match the load dtype.
+        bnb_4bit_quant_storage=torch_dtype(quant_storage) if quant_storage else torch.uint8,
+    )
+
+
+def load_base_model(
+    path: str,
+    *,
+    dtype: str = "bf16",
+    quantization: str = "none",
+    double_quant: bool = True,
+    quant_storage: Optional[str] = None,
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    revision: Optional[str] = None,
+):
+    """The frozen base model, every parameter requires_grad=False."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(path)
+    kwargs = dict(
+        dtype=torch_dtype(dtype),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        use_safetensors=True,  # never unpickle weights
+    )
+    if quantization != "none":
+        kwargs["quantization_config"] = build_bnb_config(dtype, quantization, double_quant, quant_storage)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise LoraInputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    if quantization == "none":
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    _check_source(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_content_hash(path: str) -> Optional[str]:
+    """SHA-256 over a local model's weight and config files (sorted), or None for a hub id."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*")):
+        if f.suffix in {".safetensors", ".json"} and f.is_file():
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()

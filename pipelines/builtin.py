@@ -1,0 +1,130 @@
+"""Embedded assets so the pipeline runs with no hub and no files: a demo instruction set generated
+by code, and a tiny Llama (built from config) with a character tokenizer trained on that set.
+
+`builtin:tiny-llama` and `builtin:demo-tasks` in a config are materialised once under
+$LORAPIPE_HOME (default ./.lorapipe) by the driver, before any worker starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import string
+from pathlib import Path
+from typing import Callable, Optional
+
+from pipelines.errors import UserError
+
+TINY_LLAMA = "builtin:tiny-llama"
+DEMO_TASKS = "builtin:demo-tasks"
+TINY_SHAPE = dict(hidden=128, layers=4, heads=4, intermediate=512, max_positions=256)
+
+# task name -> (instruction, function of the word). All answers are exact strings.
+TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "copy": ("Repeat the word.", lambda w: w),
+    "upper": ("Write the word in capitals.", lambda w: w.upper()),
+    "first": ("Give the first letter.", lambda w: w[0]),
+    "last": ("Give the last letter.", lambda w: w[-1]),
+    "length": ("Count the letters.", lambda w: str(len(w))),
+    "double": ("Write the word twice.", lambda w: w + " " + w),
+    "reverse": ("Reverse the word.", lambda w: w[::-1]),
+    "sort": ("Sort the letters.", lambda w: "".join(sorted(w))),
+}
+# The adapter learns a held-out task; the base is pretrained on the generic ones.
+ADAPTER_TASKS = ("reverse", "sort")
+GENERIC_TASKS = tuple(t for t in TASKS if t not in ADAPTER_TASKS)
+
+
+def home() -> Path:
+    return Path(os.environ.get("LORAPIPE_HOME", ".lorapipe")).resolve()
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))) for _ in range(n)]
+
+
+def demo_rows(task: Optional[str] = None, n: int = 2000, seed: int = 0) -> list[dict]:
+    """Alpaca rows. task: one of TASKS, 'generic' (all but the adapter tasks) or None (all)."""
+    if task is None:
+        names = list(TASKS)
+    elif task == "generic":
+        names = list(GENERIC_TASKS)
+    elif task in TASKS:
+        names = [task]
+    else:
+        raise UserError(f"data.task={task!r} is not a demo task; choose one of: generic, {', '.join(TASKS)}")
+    rng = random.Random(f"{seed}-{task}")
+    rows = []
+    for i, word in enumerate(_words(rng, n)):
+        name = names[i % len(names)]
+        instruction, fn = TASKS[name]
+        rows.append({"instruction": instruction, "input": word, "output": fn(word), "task": name})
+    return rows
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every character the demo data and the alpaca/chat templates can contain."""
+    from pipelines.prompts import ALPACA_TEMPLATE
+
+    texts = [string.ascii_letters + string.digits + string.punctuation + " \n"]
+    texts += [instr for instr, _ in TASKS.values()]
+    texts.append(ALPACA_TEMPLATE.format(instruction="", input="") + "<|system|><|user|><|assistant|>")
+    return texts
+
+
+def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a temp sibling and rename: a reader never sees a half-written directory."""
+    if target.is_dir():
+        return target
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; theirs is complete too
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def materialize_tiny_llama(root: Optional[Path] = None, seed: int = 0) -> Path:
+    """A random-init tiny Llama + char tokenizer saved in HF format (safetensors)."""
+    from lora.tiny import build_tiny_llama, train_char_tokenizer
+
+    def build(out: Path) -> None:
+        tok = train_char_tokenizer(tokenizer_corpus())
+        model = build_tiny_llama(len(tok), seed=seed, pad_token_id=tok.pad_token_id,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY_SHAPE)
+        model.save_pretrained(str(out), safe_serialization=True)
+        tok.save_pretrained(str(out))
+
+    return _atomic_dir((root or home()) / f"tiny-llama-seed{seed}", build)
+
+
+def materialize_demo_tasks(task: Optional[str], n: int, seed: int, root: Optional[Path] = None) -> Path:
+    rows = demo_rows(task, n=n, seed=seed)
+
+    def build(out: Path) -> None:
+        with (out / "data.jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    return _atomic_dir((root or home()) / f"demo-tasks-{task or 'all'}-{n}-seed{seed}", build) / "data.jsonl"
+
+
+def resolve_builtins(cfg):
+    """A copy of cfg whose builtin: paths point at materialised local files."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.model.path == TINY_LLAMA:
+        cfg.model.path = str(materialize_tiny_llama(seed=0))
+    elif cfg.model.path.startswith("builtin:"):
+        raise UserError(f"model.path={cfg.model.path!r} is not a builtin; the builtin model is {TINY_LLAMA}")
+    if cfg.data.path == DEMO_TASKS:
+        n = cfg.data.max_examples or 2000
+        cfg.data.path = str(materialize_demo_tasks(cfg.data.task, n, cfg.seed))
+    elif cfg.data.path.startswith("builtin:"):
+        raise UserError(f"data.path={cfg.data.path!r} is not a builtin; the builtin dataset is {DEMO_TASKS}")
+    elif cfg.data.task is not None:
+        raise UserError(f"data.task={cfg.data.task!r} only applies to data.path={DEMO_TASKS}")
+    return cfg

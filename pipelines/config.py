@@ -1,0 +1,200 @@
+"""The run configuration: one pydantic schema, every key declared, unknown keys are errors.
+
+Cross-field rules live here (validators) so that a bad combination fails before Ray starts,
+models load or data is read. Derived quantities are methods (`global_batch_size`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DType = Literal["fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelShape(Section):
+    """Architecture figures for planning when no config.json is reachable (Llama-style decoder)."""
+
+    hidden_size: int = Field(gt=0, description="model width")
+    intermediate_size: int = Field(gt=0, description="MLP width")
+    num_hidden_layers: int = Field(gt=0, description="decoder layers")
+    num_attention_heads: int = Field(gt=0, description="query heads")
+    num_key_value_heads: Optional[int] = Field(None, gt=0, description="KV heads (GQA); default = query heads")
+    vocab_size: int = Field(gt=0, description="tokens in the vocabulary")
+    tie_word_embeddings: bool = Field(False, description="output head shares the embedding matrix")
+
+
+class ModelConfig(Section):
+    path: str = Field(description="HF hub id, local model directory, or builtin:tiny-llama")
+    dtype: DType = Field("bf16", description="dtype the base is loaded and computed in")
+    quantization: Literal["none", "nf4", "fp4"] = Field(
+        "nf4", description="'nf4'/'fp4' load the frozen base in 4 bits (QLoRA) via bitsandbytes")
+    double_quant: bool = Field(True, description="quantize the 4-bit quantization constants too")
+    quant_storage: Optional[DType] = Field(
+        None, description="storage dtype of packed 4-bit weights; None = uint8 (ZeRO-3 needs = dtype)")
+    trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    attn_implementation: Literal["eager", "sdpa"] = Field("sdpa", description="attention kernel")
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
+    shape: Optional[ModelShape] = Field(None, description="architecture for `lorapipe plan` when config.json is unreachable")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization != "none"
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, le=1024, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha/r, or alpha/sqrt(r) with rsLoRA)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' or module-name suffixes such as [q_proj, v_proj]")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules must name at least one module or be 'all-linear'")
+        return v
+
+
+class DataConfig(Section):
+    path: str = Field(description="local .json/.jsonl/.parquet file, a datasets hub name, or builtin:demo-tasks")
+    format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="row layout")
+    split: str = Field("train", description="split to read from a hub dataset")
+    text_field: str = Field("text", description="column holding the text for format=text")
+    train_on_prompt: bool = Field(False, description="also compute loss on prompt tokens")
+    max_seq_len: int = Field(256, ge=8, le=131072, description="tokens per example after truncation")
+    packing: bool = Field(False, description="concatenate examples into full max_seq_len blocks")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share for eval")
+    max_examples: Optional[int] = Field(None, gt=0, description="use at most this many rows")
+    task: Optional[str] = Field(None, description="builtin:demo-tasks only: which task to train on")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    micro_batch_size: int = Field(4, gt=0, description="examples per worker per forward")
+    grad_accum: int = Field(1, gt=0, description="micro batches per optimizer step")
+    lr: float = Field(2e-4, gt=0, le=1.0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="clip gradients to this norm (0 = off)")
+    eval_every: int = Field(50, gt=0, description="steps between evaluations")
+    eval_batches: int = Field(8, gt=0, description="micro batches per evaluation (per worker)")
+    report_every: int = Field(10, gt=0, description="steps between ray.train.report calls")
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be < train.max_steps={self.max_steps}")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer states")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 parameter offload")
+    overlap_comm: bool = Field(False, description="overlap gradient reduction with backward")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self):
+        if self.offload_params != "none" and self.stage != 3:
+            raise ValueError(f"deepspeed.offload_params={self.offload_params} needs deepspeed.stage=3 (got {self.stage})")
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+        return self
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl backend")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved (and torch threads) per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how workers are placed on nodes")
+
+
+class RunSection(Section):
+    name: Optional[str] = Field(None, description="run name; default derived from the config name")
+    output_dir: str = Field("runs", description="where run directories are written")
+    storage_path: Optional[str] = Field(
+        None, description="Ray storage for checkpoints: a path every node sees, or s3://...; default <output_dir>/_ray")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints Ray keeps")
+
+
+class MlflowSection(Section):
+    enabled: bool = Field(True, description="log to MLflow from rank 0")
+    tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = Field("lorapipe", description="MLflow experiment name")
+
+
+class RegistrySection(Section):
+    name: Optional[str] = Field(None, description="registered model base name; default run name")
+    gate_metric: str = Field("eval_loss", description="metric compared on promotion")
+    gate_mode: Literal["min", "max"] = Field("min", description="min: lower is better")
+    margin: float = Field(0.0, ge=0.0, description="required improvement over the current champion")
+
+
+class RunConfig(Section):
+    """A complete run: every top-level preset in configs/ validates against this alone."""
+
+    name: str = Field("run", description="config name, used for run and registry names")
+    seed: int = Field(0, ge=0, description="seeds data split, init and dropout")
+    model: ModelConfig
+    lora: LoraSection = LoraSection()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    mlflow: MlflowSection = MlflowSection()
+    registry: RegistrySection = RegistrySection()
+    tune: Optional[dict[str, Any]] = Field(None, description="search space and algorithm; see pipelines.tune_config")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self):
+        m, ds = self.model, self.deepspeed
+        if m.is_quantized and ds.stage == 3 and m.quant_storage != m.dtype:
+            raise ValueError(
+                f"deepspeed.stage=3 with a 4-bit base needs model.quant_storage equal to model.dtype "
+                f"({m.dtype}), got {m.quant_storage}: ZeRO-3 can only partition 4-bit weights stored in the load dtype")
+        if m.is_quantized and m.dtype == "fp16" and ds.stage > 0:
+            raise ValueError("model.dtype=fp16 with a 4-bit base is not supported under DeepSpeed; use bf16 or fp32")
+        if self.lora.use_dora and m.is_quantized and ds.stage == 3:
+            raise ValueError("lora.use_dora with a 4-bit base under deepspeed.stage=3 is not supported by PEFT; use stage 2")
+        if self.data.format == "text" and self.data.train_on_prompt:
+            raise ValueError("data.train_on_prompt only applies to alpaca/chat formats (text has no prompt)")
+        if self.train.eval_every > self.train.max_steps and self.train.max_steps > 1:
+            # Without a single eval there is no eval_loss for metrics.json, Tune or the gate.
+            raise ValueError(f"train.eval_every={self.train.eval_every} exceeds train.max_steps={self.train.max_steps}: no evaluation would run")
+        return self
+
+    # -- derived quantities (one place each) ---------------------------------------------
+    def global_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum * self.scaling.num_workers
+
+    def run_name(self) -> str:
+        return self.run.name or self.name
+
+    def registry_name(self) -> str:
+        return self.registry.name or self.run_name()
+
+    def tracking_uri(self) -> str:
+        import os
+
+        return self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+    def storage_path(self) -> str:
+        path = self.run.storage_path or str(Path(self.run.output_dir) / "_ray")
+        return path if "://" in path else str(Path(path).expanduser().resolve())

@@ -1,0 +1,104 @@
+"""YAML + dotted KEY=VALUE overrides -> validated RunConfig, with one-line errors."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipelines.config import RunConfig
+from pipelines.errors import UserError
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {p} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    data = apply_overrides(read_yaml(path), overrides)
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{source}: {describe_validation_error(e, RunConfig)}") from None
+
+
+def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> str:
+    """The first error as one line: dotted key, what was given, what is allowed."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "(root)"
+    if first["type"] == "extra_forbidden":
+        valid = fields_at(schema, loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean {'.'.join(loc[:-1] + near)!r}?" if near else f"; valid keys: {', '.join(valid)}"
+        return f"unknown key {key!r}{hint}"
+    if first["type"] == "missing":
+        return f"missing required key {key!r}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if "input" in first and first["type"] != "value_error" and loc:
+        return f"{key}={first['input']!r}: {msg}"
+    return f"{key}: {msg}" if loc else msg
+
+
+def fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the (nested) section at loc, for 'did you mean'."""
+    model = schema
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_yaml_text(text: str) -> RunConfig:
+    return validate_config(yaml.safe_load(text), source="config.yaml")

@@ -1,0 +1,317 @@
+"""Memory per GPU of a LoRA/QLoRA (or full) fine-tuning step, from the model's shape alone.
+
+Pure arithmetic over a Llama-style decoder (no torch, no pydantic): `PlanInputs` holds every
+setting that moves memory, `plan_memory` returns one `MemoryPart` per row of the plan's table,
+each with its full size, how ZeRO divides it across the GPUs, and where it lives.
+
+What the activation figures count is what autograd keeps alive in transformers' Llama
+(RMSNorm upcasts its input to fp32; frozen linears keep no input; a LoRA layer keeps its input
+for dA; SwiGLU keeps gate, SiLU and up outputs; the HF loss upcasts the logits to fp32), so the
+figures can be checked against a real step (tests/integration/test_plan_measured.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional, Union
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Which linears read the same input tensor (a LoRA on any of them keeps that input alive).
+INPUT_GROUPS = {"norm1": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj",),
+                "norm2": ("gate_proj", "up_proj"), "act": ("down_proj",)}
+
+# -- one set of constants, used for every model and every GPU ---------------------------------
+# bitsandbytes 4-bit: 4 bits per weight plus its block constants. Without double quantization one
+# fp32 absmax per 64 weights (+0.5 bit); with it the absmax is itself 8-bit with one fp32 per 256
+# blocks (+8/64 + 32/(64*256) = +0.127 bit), the QLoRA paper's figure.
+QUANT_BITS = {False: 4 + 32 / 64, True: 4 + 8 / 64 + 32 / (64 * 256)}
+# Read on one H100 80GB (torch 2.11, CUDA 13) over three LoRA/QLoRA runs of 1B and 8B Llamas:
+# nvidia-smi's used minus torch's reserved was 1.22 GiB each time (context, kernels, cuBLAS
+# workspace), and reserved/allocated at the peak 1.015-1.05.
+CUDA_CONTEXT_BYTES = int(1.2 * GiB)
+FRAGMENTATION = 1.05
+NCCL_BYTES = int(0.25 * GiB)           # NCCL communicator buffers once there is more than one GPU
+# CPU mode: anonymous memory of Python with torch, transformers and peft imported (0.32 GiB read
+# on x86-64 Linux, torch 2.13), and malloc's slack when freed tensors go back to the system (glibc
+# with a fixed mmap threshold; its default heap can keep ~1.5x the live activations resident).
+CPU_RUNTIME_BYTES = int(0.35 * GiB)
+CPU_FRAGMENTATION = 1.05
+DS_BUCKET_ELEMENTS = 500_000_000       # DeepSpeed reduce_bucket_size default (5e8 elements)
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed stage3_max_live_parameters default
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A Llama-style decoder: the figures `lorapipe plan` needs, nothing loaded."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie_embeddings: bool = False
+    head_dim: Optional[int] = None
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear in one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.dim_head, self.kv_heads * self.dim_head
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values())
+
+    def linear_params(self) -> int:
+        return self.layers * self.layer_linear_params()
+
+    def dense_params(self) -> int:
+        """Parameters bitsandbytes leaves unquantized: embeddings, output head, norms."""
+        head = 0 if self.tie_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + (2 * self.layers + 1) * self.hidden
+
+    def total_params(self) -> int:
+        return self.linear_params() + self.dense_params()
+
+    def matmul_params(self) -> int:
+        """Parameters multiplied per token (every linear and the output head; not the lookup)."""
+        return self.linear_params() + self.vocab * self.hidden
+
+
+Precision = Literal["mixed", "fp32-adapter", "pure"]
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Every setting that moves memory or time. Built from a RunConfig, or directly in tests."""
+
+    arch: Arch
+    num_gpus: int = 1
+    method: Literal["lora", "full"] = "lora"
+    dtype: str = "bf16"                       # load / compute dtype of the base
+    quantization: str = "nf4"                 # none | nf4 | fp4
+    double_quant: bool = True
+    lora_r: int = 16
+    lora_targets: Union[str, tuple[str, ...]] = "all-linear"
+    lora_dropout: float = 0.0
+    use_dora: bool = False
+    # mixed: DeepSpeed bf16/fp16 (16-bit trainable params and grads, fp32 master + Adam states);
+    # fp32-adapter: bare PEFT (adapters autocast to fp32, fp32 grads and Adam states);
+    # pure: everything in the model dtype, Adam states included (torchtune's bf16 recipes).
+    precision: Precision = "mixed"
+    upcast_dense_fp32: bool = False           # peft.prepare_model_for_kbit_training casts non-4-bit params to fp32
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_accum: int = 1
+    max_steps: int = 1
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"         # sdpa | eager | flash (flash behaves as sdpa here)
+    loss_chunks: int = 1                      # 1 = HF loss over full fp32 logits; >1 = chunked/fused CE
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = False
+    cpu: bool = False                         # CPU mode: no CUDA context, host RAM as the budget
+
+    def with_(self, **changes) -> "PlanInputs":
+        return replace(self, **changes)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def targeted(self) -> tuple[str, ...]:
+        if self.method == "full":
+            return LINEARS
+        if self.lora_targets == "all-linear":
+            return LINEARS
+        return tuple(n for n in LINEARS if any(n == t or t.endswith("." + n) for t in self.lora_targets))
+
+    def adapter_params(self) -> int:
+        if self.method == "full":
+            return self.arch.total_params()
+        shapes = self.arch.linear_shapes()
+        per_layer = sum(self.lora_r * (shapes[n][0] + shapes[n][1]) for n in self.targeted())
+        if self.use_dora:
+            per_layer += sum(shapes[n][1] for n in self.targeted())
+        return per_layer * self.arch.layers
+
+    def trainable_bytes(self) -> int:
+        """Bytes per trainable parameter for weights (the optimizer's view is `optimizer_bytes`)."""
+        if self.precision == "fp32-adapter" and self.method == "lora":
+            return 4
+        return DTYPE_BYTES[self.dtype]
+
+    def optimizer_bytes(self) -> int:
+        """AdamW bytes per trainable parameter: m and v, plus an fp32 master copy if weights are 16-bit."""
+        if self.precision == "pure":
+            return 2 * DTYPE_BYTES[self.dtype]
+        master = 4 if self.trainable_bytes() < 4 else 0
+        return 8 + master
+
+
+@dataclass(frozen=True)
+class MemoryPart:
+    """One row of the plan: `full` bytes before partitioning, `per_gpu` after, `host` if offloaded."""
+
+    name: str
+    full: float
+    per_gpu: float
+    host: float = 0.0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    parts: tuple[MemoryPart, ...]
+    allocated_peak: float      # tensors alive at the step's peak, per GPU
+    overhead: float            # context / runtime bytes outside the allocator
+    total: float               # what the device (or the process, in CPU mode) must hold
+    host_per_gpu: float = 0.0  # offloaded bytes per rank in host RAM
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def activation_bytes_per_token(p: PlanInputs) -> float:
+    """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
+    a, b, ab = p.arch, DTYPE_BYTES[p.dtype], p.trainable_bytes()
+    q_out, h, i = a.heads * a.dim_head, a.hidden, a.intermediate
+    saved = 2 * 4 * h                       # both RMSNorms keep an fp32 copy of their input
+    saved += b * q_out * 2                  # q after RoPE; attention output (also o_proj's input)
+    saved += b * q_out * 2                  # k, v as attention sees them (repeat_kv expands GQA)
+    if p.attn_implementation == "eager":    # softmax kept in fp32 and its cast for the AV product
+        saved += a.heads * p.seq_len * (4 + b)
+    saved += b * 3 * i                      # SwiGLU: gate output (SiLU), SiLU output and up output
+    widths = {"norm1": h, "attn_out": q_out, "norm2": h, "act": i}
+    targeted = set(p.targeted())
+    for group, members in INPUT_GROUPS.items():
+        hit = [m for m in members if m in targeted]
+        if not hit:
+            continue
+        w = widths[group]
+        if p.method == "full":
+            saved += b * w if group != "attn_out" else 0  # linears keep their inputs for dW
+        elif p.lora_dropout > 0:
+            saved += len(hit) * w * (ab + 1)    # each LoRA layer's dropout output and its mask
+        elif ab != b:
+            saved += len(hit) * w * ab          # each LoRA layer casts its input to the adapter dtype
+        elif group != "attn_out":
+            saved += b * w                      # the norm output / SwiGLU product the LoRA layers read
+        saved += 0 if p.method == "full" else len(hit) * p.lora_r * ab  # lora_A outputs, kept for dB
+    return saved
+
+
+def backward_working_bytes_per_token(p: PlanInputs) -> float:
+    """Gradients in flight while one layer's backward runs (MLP intermediates and the hidden state)."""
+    a, b = p.arch, DTYPE_BYTES[p.dtype]
+    return b * (3 * a.intermediate + 2 * a.hidden) + 4 * a.hidden
+
+
+def logits_bytes_per_token(p: PlanInputs) -> float:
+    """Peak of the loss: logits in the model dtype, their fp32 upcast, log-softmax and its gradient.
+
+    HF's loss keeps the logits (b) and the log-softmax output (4) while backward builds the NLL
+    gradient (4) and the log-softmax gradient (4): b + 12 bytes per vocabulary entry. A chunked or
+    fused cross-entropy holds one chunk of that at a time.
+    """
+    b = DTYPE_BYTES[p.dtype]
+    return p.arch.vocab * (b + 12) / max(1, p.loss_chunks) + 4 * p.arch.hidden
+
+
+def weight_bytes(p: PlanInputs) -> tuple[float, float, float]:
+    """(packed 4-bit or 16-bit linear weights, their quantization constants, dense params) in bytes."""
+    a, b = p.arch, DTYPE_BYTES[p.dtype]
+    dense_b = 4 if p.upcast_dense_fp32 else b
+    if p.quantized:
+        packed = a.linear_params() * 4 / 8
+        consts = a.linear_params() * (QUANT_BITS[p.double_quant] - 4) / 8
+        return packed, consts, a.dense_params() * dense_b
+    return a.linear_params() * b, 0.0, a.dense_params() * dense_b
+
+
+def plan_memory(p: PlanInputs) -> MemoryPlan:
+    a, n, stage = p.arch, p.num_gpus, p.zero_stage
+    b = DTYPE_BYTES[p.dtype]
+    parts: list[MemoryPart] = []
+    notes: list[str] = []
+
+    packed, consts, dense = weight_bytes(p)
+    base_full = packed + consts + dense
+    if stage == 3 and p.offload_params:
+        base_gpu, base_host = consts, (packed + dense) / n
+    elif stage == 3:
+        # ZeRO-3 partitions parameters only: bitsandbytes' quant_state is not one, so it stays whole.
+        base_gpu, base_host = (packed + dense) / n + consts, 0.0
+    else:
+        base_gpu, base_host = base_full, 0.0
+    kind = f"4-bit {p.quantization}{' +dq' if p.double_quant else ''}" if p.quantized else p.dtype
+    parts.append(MemoryPart("base weights", base_full, base_gpu, base_host, kind))
+
+    trainable = p.adapter_params()
+    if p.method == "lora":
+        w_full = trainable * p.trainable_bytes()
+        if stage == 3 and p.offload_params:
+            w_gpu, w_host = 0.0, w_full / n
+        else:
+            w_gpu, w_host = w_full / (n if stage == 3 else 1), 0.0
+        parts.append(MemoryPart("adapter weights", w_full, w_gpu, w_host, f"{trainable / 1e6:,.1f}M params"))
+    g_full = trainable * p.trainable_bytes()
+    parts.append(MemoryPart("gradients", g_full, g_full / (n if stage >= 2 else 1)))
+    o_full = trainable * p.optimizer_bytes()
+    o_div = n if stage >= 1 else 1
+    if p.offload_optimizer:
+        parts.append(MemoryPart("optimizer states", o_full, 0.0, o_full / o_div, "AdamW, offloaded to CPU"))
+    else:
+        parts.append(MemoryPart("optimizer states", o_full, o_full / o_div, 0.0, f"AdamW, {p.optimizer_bytes()} B/param"))
+
+    t = p.tokens_per_micro_batch
+    layer = activation_bytes_per_token(p) * t
+    work = backward_working_bytes_per_token(p) * t
+    if p.quantized:
+        work += max(x * y for x, y in a.linear_shapes().values()) * b  # one dequantized weight
+    logits = logits_bytes_per_token(p) * t
+    if p.gradient_checkpointing:
+        kept = a.layers * a.hidden * b * t
+        act_note = f"checkpoints {kept / GiB:.2f} GiB + one layer recomputed {layer / GiB:.2f} GiB"
+        act_peak = kept + max(logits, layer + work)
+    else:
+        kept = a.layers * layer
+        act_note = f"{a.layers} layers x {layer / GiB:.2f} GiB"
+        act_peak = kept + max(logits, work)
+    parts.append(MemoryPart("activations", act_peak, act_peak, note=f"{act_note}; loss peak {logits / GiB:.2f} GiB"))
+
+    if stage == 3 and n > 1:
+        # Gathered parameters stay resident while their next use is near (max_reuse_distance), up to
+        # stage3_max_live_parameters elements of the storage dtype; never less than a layer and its prefetch.
+        layer_storage = a.layer_linear_params() * (QUANT_BITS[p.double_quant] / 8 if p.quantized else b)
+        gathered = min(packed + dense, max(DS_MAX_LIVE_PARAMETERS * b, 2 * layer_storage, a.vocab * a.hidden * b))
+        parts.append(MemoryPart("ZeRO-3 gathered params", gathered, gathered, note="live + prefetched layers"))
+    if stage >= 1 and n > 1 and not p.cpu:
+        bucket = min(DS_BUCKET_ELEMENTS, trainable) * p.trainable_bytes()
+        parts.append(MemoryPart("DeepSpeed buffers", bucket, bucket, note="gradient reduce bucket"))
+
+    allocated = sum(x.per_gpu for x in parts)
+    host = sum(x.host for x in parts)
+    if p.cpu:
+        overhead = CPU_RUNTIME_BYTES
+        total = allocated * CPU_FRAGMENTATION + overhead
+        parts.append(MemoryPart("runtime (CPU)", overhead, overhead, note="Python, torch, transformers"))
+        parts.append(MemoryPart("allocator slack", allocated * (CPU_FRAGMENTATION - 1),
+                                allocated * (CPU_FRAGMENTATION - 1), note=f"x{CPU_FRAGMENTATION}"))
+    else:
+        overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0)
+        total = allocated * FRAGMENTATION + overhead
+        parts.append(MemoryPart("CUDA context + NCCL" if n > 1 else "CUDA context", overhead, overhead))
+        parts.append(MemoryPart("allocator fragmentation", allocated * (FRAGMENTATION - 1),
+                                allocated * (FRAGMENTATION - 1), note=f"x{FRAGMENTATION} of allocated"))
+    if logits > layer and logits > 0.25 * act_peak:
+        notes.append(f"the loss over {a.vocab:,} vocab entries peaks at {logits / GiB:.1f} GiB per micro batch")
+    return MemoryPlan(tuple(parts), allocated, overhead, total, host, tuple(notes))

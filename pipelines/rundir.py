@@ -1,0 +1,110 @@
+"""The run directory: the contract between training and every later stage.
+
+<run_dir>/config.yaml    resolved config          <run_dir>/metrics.json  final figures
+<run_dir>/adapter/       PEFT adapter             <run_dir>/lineage.json  where it came from
+<run_dir>/digests.json   SHA-256 of every file    <run_dir>/COMPLETE      written last
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipelines.errors import UserError
+
+CONTRACT = ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+            "metrics.json", "lineage.json")
+MARKER = "COMPLETE"
+REQUIRED_METRICS = ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s", "train_steps", "peak_memory_bytes")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (MARKER, "digests.json")}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """A complete run directory, or a one-line UserError saying what is wrong."""
+        p = Path(path)
+        if not p.is_dir():
+            raise UserError(f"run directory not found: {p}")
+        if not (p / MARKER).is_file():
+            raise UserError(f"{p} is not a complete run directory (no {MARKER} marker: interrupted or not a run)")
+        missing = [f for f in CONTRACT if not (p / f).is_file()]
+        if missing:
+            raise UserError(f"run directory {p} is missing {', '.join(missing)}")
+        return cls(p)
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    def config(self):
+        from pipelines.config_loader import config_from_yaml_text
+
+        return config_from_yaml_text((self.path / "config.yaml").read_text())
+
+    def metrics(self) -> dict:
+        return json.loads((self.path / "metrics.json").read_text())
+
+    def lineage(self) -> dict:
+        return json.loads((self.path / "lineage.json").read_text())
+
+    def verify_digests(self) -> None:
+        """Every file still has the digest recorded at write time (checked before registering)."""
+        recorded = json.loads((self.path / "digests.json").read_text()) if (self.path / "digests.json").is_file() else {}
+        if not recorded:
+            raise UserError(f"run directory {self.path} has no digests.json")
+        for rel, want in recorded.items():
+            f = self.path / rel
+            if not f.is_file() or sha256_file(f) != want:
+                raise UserError(f"run directory {self.path}: {rel} does not match its recorded SHA-256 (modified or corrupt)")
+
+
+def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a temp sibling, add digests and the marker, then rename into place."""
+    target = Path(target)
+    if target.exists():
+        raise UserError(f"{target} already exists; choose another run.name or remove it")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        (tmp / "digests.json").write_text(json.dumps(digests(tmp), indent=2))
+        (tmp / MARKER).write_text("")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_run_dir(target: Path, *, config_yaml: str, adapter_src: Path, metrics: dict, lineage: dict,
+                  extra_files: dict[str, str] | None = None) -> RunDir:
+    def fill(d: Path) -> None:
+        (d / "config.yaml").write_text(config_yaml)
+        shutil.copytree(adapter_src, d / "adapter")
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (d / "lineage.json").write_text(json.dumps(lineage, indent=2))
+        for name, text in (extra_files or {}).items():
+            (d / name).write_text(text)
+
+    return RunDir(write_atomic_dir(target, fill))

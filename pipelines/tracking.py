@@ -1,0 +1,125 @@
+"""MLflow tracking: the driver opens and closes a run; rank 0 logs metrics into it.
+
+A tracking server that goes away must not stop training: failed writes are kept and flushed
+later, and what could not be logged is reported, never silently dropped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, TypeVar
+
+from pipelines.secrets import redact_mapping
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int = 4, first_delay: float = 0.5, what: str = "MLflow call") -> T:
+    """Bounded exponential backoff (0.5, 1, 2 s...); the last error propagates."""
+    delay = first_delay
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # network, HTTP 5xx, sqlite locked: all retryable here
+            if i == attempts - 1:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """For the embedded sqlite store, artifacts live beside the database file (not in ./mlruns
+    of whatever directory the process happened to start in)."""
+    from pathlib import Path
+
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(c, name: str, uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    root = artifact_root(uri)
+    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+              parent_run_id: Optional[str] = None) -> str:
+    """Create a run with the flattened config as params; returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp_id = with_retries(lambda: experiment_id(c, experiment, uri), what="MLflow experiment lookup")
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = with_retries(lambda: c.create_run(exp_id, run_name=run_name, tags=redact_mapping(all_tags)),
+                       what="MLflow create_run")
+    safe = redact_mapping({k: str(v)[:6000] for k, v in flatten(params).items()})
+    items = [Param(k, v) for k, v in safe.items()]
+    for i in range(0, len(items), 100):
+        with_retries(lambda: c.log_batch(run.info.run_id, params=items[i:i + 100]), what="MLflow log_batch")
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    client(uri).log_batch(run_id, metrics=batch)
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    with_retries(lambda: client(uri).set_terminated(run_id, status=status), what="MLflow set_terminated")
+
+
+class MetricsLogger:
+    """Rank 0's metric logger. Never raises: failed batches wait in `pending` and are flushed on
+    the next successful call; `close()` says what could not be logged."""
+
+    def __init__(self, run_id: Optional[str], uri: str):
+        self.run_id, self.uri = run_id, uri
+        self.pending: list[tuple[dict, int]] = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.run_id:
+            return
+        self.pending.append((metrics, step))
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            while self.pending:
+                m, s = self.pending[0]
+                log_metrics(self.uri, self.run_id, m, s)
+                self.pending.pop(0)
+        except Exception as e:
+            log.warning("MLflow unreachable (%s): %d metric batches kept for later", type(e).__name__, len(self.pending))
+
+    def close(self) -> None:
+        self.flush()
+        if self.pending:
+            log.warning("%d metric batches were not logged to MLflow; they are in the run directory", len(self.pending))

@@ -1,0 +1,245 @@
+"""The Ray Train driver: config -> preflight -> TorchTrainer.fit() -> run directory (+ MLflow run)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipelines.config import RunConfig
+from pipelines.errors import UserError
+
+
+def lorapipe_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorapipe")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def with_run_name(cfg: RunConfig) -> RunConfig:
+    """Fix the run name once, on the driver, so restarts and later stages agree on it."""
+    if cfg.run.name:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def resolved_paths(cfg: RunConfig) -> RunConfig:
+    """Absolute output/storage paths and tracking URI: workers run in other directories."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    cfg.run.storage_path = cfg.storage_path()
+    cfg.mlflow.tracking_uri = cfg.tracking_uri()
+    return cfg
+
+
+def check_target_modules(cfg: RunConfig) -> None:
+    """Build the model skeleton on the meta device (no weights) and check lora.target_modules."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora import LoraInputError
+    from lora.adapter import linear_module_names
+
+    if cfg.lora.target_modules == "all-linear":
+        return
+    try:
+        mcfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                                          revision=cfg.model.revision)
+    except OSError as e:
+        raise UserError(f"cannot read the config of model {cfg.model.path!r}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+    available = linear_module_names(skeleton)
+    missing = [t for t in cfg.lora.target_modules if t not in available]
+    if missing:
+        raise LoraInputError(f"lora.target_modules {missing} not in the model; its linear layers are: {', '.join(available)}")
+
+
+def preflight(cfg: RunConfig):
+    """Everything that can fail on bad input, before Ray starts: paths, data rows, modules, 4-bit."""
+    from lora import load_tokenizer
+    from lora.base import build_bnb_config
+    from pipelines.data import prepare_data
+
+    if cfg.model.is_quantized:
+        build_bnb_config(cfg.model.dtype, cfg.model.quantization, cfg.model.double_quant, cfg.model.quant_storage)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
+    check_target_modules(cfg)
+    data = prepare_data(cfg.data, tokenizer, cfg.seed)
+    shard_size = len(data.train) // cfg.scaling.num_workers
+    if shard_size < cfg.train.micro_batch_size:
+        raise UserError(f"{len(data.train)} training examples give each of {cfg.scaling.num_workers} workers "
+                        f"{shard_size}, fewer than train.micro_batch_size={cfg.train.micro_batch_size}")
+    return data
+
+
+def ensure_ray(cfg: RunConfig) -> None:
+    """Join RAY_ADDRESS's cluster, or start a local one sized so the workers always fit."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    # Logical CPUs may exceed physical cores: Ray then sets torch threads from the share.
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+             log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",
+             configure_logging=True, logging_level="WARNING")
+
+
+def build_trainer(cfg: RunConfig, loop_config: dict, callbacks: list):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.worker import train_loop_per_worker
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=sc.placement_strategy),
+        run_config=RayRunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.storage_path(),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def final_metrics(state: dict) -> dict:
+    """metrics.json from the final trainer state: last train/eval figures, steady-state speed."""
+    history = state["history"]
+    last = history[-1]
+    last_eval = next(m for m in reversed(history) if "eval_loss" in m)
+    return {
+        "train_loss": last["train_loss"],
+        "eval_loss": last_eval["eval_loss"],
+        "eval_perplexity": last_eval["eval_perplexity"],
+        "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "train_steps": state["step"],
+        "peak_memory_bytes": max(m["peak_memory_bytes"] for m in history),
+        "tokens": state["tokens"],
+        "restarts": state.get("restarts", 0),
+    }
+
+
+def startup_breakdown(driver: dict, first_report: dict) -> dict:
+    """Seconds spent before the first optimizer step, by phase (driver and rank 0 clocks)."""
+    w = {k.removeprefix("startup_"): v for k, v in first_report.items() if k.startswith("startup_")}
+    if not w:  # a resumed run reports no start-up of its own
+        return {}
+    return {
+        "preflight_s": driver["preflight_done"] - driver["invoked"],
+        "ray_init_s": driver["ray_ready"] - driver["preflight_done"],
+        "workers_start_s": w["worker_start"] - driver["ray_ready"],
+        "data_s": w["data_ready"] - w["worker_start"],
+        "model_load_s": w["model_loaded"] - w["data_ready"],
+        "deepspeed_init_s": w["engine_ready"] - w["model_loaded"],
+        "first_step_s": w["first_step_done"] - w["engine_ready"],
+        "total_to_first_step_s": w["first_step_done"] - driver["invoked"],
+    }
+
+
+def lineage(cfg: RunConfig, source_cfg: RunConfig, fingerprint: str, data_stats: dict, extra: dict) -> dict:
+    from lora import model_content_hash
+
+    return {
+        "base_model": cfg.model.path,
+        "base_model_source": source_cfg.model.path,
+        "base_model_sha256": model_content_hash(cfg.model.path),
+        "dataset": cfg.data.path,
+        "dataset_fingerprint": fingerprint,
+        "data_stats": data_stats,
+        "lorapipe_version": lorapipe_version(),
+        "git_commit": git_commit(),
+        "seed": cfg.seed,
+        **extra,
+    }
+
+
+def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str] = None,
+          parent_run_id: Optional[str] = None, callbacks: Optional[list] = None):
+    """One Ray Train run. Returns the RunDir it wrote."""
+    import ray
+
+    from pipelines import tracking
+    from pipelines.builtin import resolve_builtins
+    from pipelines.config_loader import dump_config
+    from pipelines.progress import ForwardMetrics, ProgressSink, live_progress
+    from pipelines.rundir import write_run_dir
+
+    marks = {"invoked": time.time()}
+    source_cfg = cfg
+    cfg = resolved_paths(with_run_name(resolve_builtins(cfg)))
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if run_dir.exists():
+        raise UserError(f"run directory {run_dir} already exists; set run.name=... to a new name")
+    data = preflight(cfg)
+    marks["preflight_done"] = time.time()
+
+    run_id = None
+    if cfg.mlflow.enabled:
+        tags = {"lorapipe.config": cfg.name, "lorapipe.version": lorapipe_version()}
+        if tune_trial_id:
+            tags["lorapipe.tune_trial_id"] = tune_trial_id
+        run_id = tracking.start_run(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name,
+                                    cfg.model_dump(mode="json"), tags, parent_run_id=parent_run_id)
+    ensure_ray(cfg)
+    marks["ray_ready"] = time.time()
+    sink = ProgressSink.remote()
+    trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+                            [ForwardMetrics(sink), *(callbacks or [])])
+    try:
+        with live_progress(sink, cfg.train.max_steps, cfg.run.name, enabled=progress):
+            result = trainer.fit()
+    except Exception:
+        if run_id:
+            tracking.finish_run(cfg.tracking_uri(), run_id, "FAILED")
+        raise
+    finally:
+        ray.kill(sink)
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        metrics = final_metrics(state)
+        metrics["startup"] = startup_breakdown(marks, state["history"][0])
+        extra = {"tune_trial_id": tune_trial_id, "mlflow_run_id": run_id, "ray_run_path": result.path,
+                 "checkpoint": result.checkpoint.path}
+        history = "".join(json.dumps(m) + "\n" for m in state["history"])
+        out = write_run_dir(run_dir, config_yaml=dump_config(cfg), adapter_src=ckpt / "adapter", metrics=metrics,
+                            lineage=lineage(cfg, source_cfg, data.fingerprint, data.stats, extra),
+                            extra_files={"history.jsonl": history})
+    if run_id:
+        try:
+            tracking.log_metrics(cfg.tracking_uri(), run_id, {f"final_{k}": v for k, v in metrics.items()},
+                                 metrics["train_steps"])
+            tracking.finish_run(cfg.tracking_uri(), run_id)
+        except Exception as e:
+            print(f"warning: MLflow run {run_id} not finalised ({type(e).__name__}); metrics are in {out.path}")
+    return out

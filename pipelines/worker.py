@@ -1,0 +1,278 @@
+"""The per-worker training loop, top to bottom: data -> model -> DeepSpeed -> resume -> loop.
+
+Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (the resolved
+config as a dict, the MLflow run id); no module globals. Every worker calls `ray.train.report` at
+the same steps (it is a barrier); rank 0 alone writes the replicated files (adapter, state,
+config) and talks to MLflow, while DeepSpeed writes one optimizer shard per rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipelines.config import RunConfig
+
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+DS_TAG = "state"
+
+
+@dataclass
+class TrainerState:
+    """Where the loop stands; saved in every checkpoint so a restart continues exactly."""
+
+    step: int = 0                  # optimizer steps done
+    position: int = 0              # micro batches consumed (data position)
+    tokens: int = 0                # non-pad tokens trained on, all workers
+    train_seconds: float = 0.0     # time inside forward/backward/step, all windows
+    history: list = field(default_factory=list)
+    restarts: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def worker_device(cfg: RunConfig, local_rank: int) -> torch.device:
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_model(cfg: RunConfig, device: torch.device):
+    """Frozen base (4-bit when configured) + LoRA; returns (peft model, {layer: (out, in)})."""
+    from lora import apply_lora, build_lora_config, load_base_model
+    from lora.adapter import targeted_linears
+
+    m = cfg.model
+    base = load_base_model(m.path, dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
+                           quant_storage=m.quant_storage, device=str(device), attn_implementation=m.attn_implementation,
+                           trust_remote_code=m.trust_remote_code, revision=m.revision)
+    lcfg = build_lora_config(base, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                             target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
+                             use_dora=cfg.lora.use_dora, bias=cfg.lora.bias)
+    shapes = {name: (mod.out_features, mod.in_features)
+              for name, mod in targeted_linears(base, "all-linear" if lcfg.target_modules == "all-linear"
+                                                else sorted(lcfg.target_modules))}
+    return apply_lora(base, lcfg, gradient_checkpointing=m.gradient_checkpointing), shapes
+
+
+def build_engine(cfg: RunConfig, model):
+    import deepspeed
+    from transformers import get_scheduler
+
+    from pipelines.deepspeed_config import build_deepspeed_config
+
+    ds_config = build_deepspeed_config(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+
+    def scheduler(opt):  # DeepSpeed steps it at each optimizer step
+        return get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
+                             num_training_steps=cfg.train.max_steps)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def gathered_adapter_state(engine, stage: int) -> dict:
+    """The full adapter state dict (on every rank). Under ZeRO-3 each rank holds a slice of every
+    LoRA matrix; saving without gathering writes empty tensors."""
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    model = engine.module
+    if stage < 3:
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save_checkpoint(engine, cfg: RunConfig, state: TrainerState, shapes: dict, rank: int, out: Path) -> None:
+    """One rank's part of a checkpoint. Rank 0 writes the adapter, state and config; every rank
+    writes its DeepSpeed shard and its RNG state. The marker is written last."""
+    from lora import verify_adapter_files
+    from lora.adapter import expected_adapter_shapes
+    from pipelines.config_loader import dump_config
+
+    engine.save_checkpoint(str(out / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+    adapter_state = gathered_adapter_state(engine, cfg.deepspeed.stage)
+    (out / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
+    if rank == 0:
+        engine.module.save_pretrained(str(out / "adapter"), state_dict=adapter_state, safe_serialization=True)
+        verify_adapter_files(out / "adapter", expected_adapter_shapes({"r": cfg.lora.r}, shapes))
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (out / COMPLETE_MARKER).write_text(str(state.step))
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    npy = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [npy[0], npy[1].tolist(), npy[2], npy[3], npy[4]],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+
+
+def restore(engine, rank: int) -> TrainerState:
+    """Continue from Ray's latest checkpoint if this is a restart (worker/node loss, resume)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return TrainerState()
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        if not (d / COMPLETE_MARKER).is_file():
+            raise RuntimeError(f"checkpoint {d} has no {COMPLETE_MARKER} marker: refusing a partial checkpoint")
+        engine.load_checkpoint(str(d / "deepspeed"), tag=DS_TAG, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = TrainerState(**json.loads((d / STATE_FILE).read_text()))
+        rng_file = d / f"rng_rank{rank}.json"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
+    state.restarts += 1
+    return state
+
+
+def all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[dict], device: torch.device) -> dict:
+    """Token-weighted eval loss over every worker's eval batches."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = float((batch["labels"][:, 1:] != -100).sum())
+        loss_sum += engine(**batch).loss.item() * n
+        tokens += n
+    engine.train()
+    loss_sum, tokens = all_reduce([loss_sum, tokens], device)
+    eval_loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from lora import load_tokenizer
+    from pipelines.data import MicroBatches, eval_batches, prepare_data, shard
+    from pipelines.tracking import MetricsLogger
+
+    marks = {"worker_start": time.time()}  # start-up breakdown, reported once
+    cfg = RunConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device(cfg, ctx.get_local_rank())
+    seed_everything(cfg.seed)
+
+    # Data: the same deterministic split on every worker, then this worker's shard.
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
+    data = prepare_data(cfg.data, tokenizer, cfg.seed)
+    train_batches = MicroBatches(shard(data.train, world, rank), cfg.train.micro_batch_size, cfg.seed,
+                                 tokenizer.pad_token_id)
+    eval_set = eval_batches(shard(data.eval, world, rank), cfg.train.micro_batch_size, cfg.train.eval_batches,
+                            len(data.eval), world, tokenizer.pad_token_id)
+    marks["data_ready"] = time.time()
+
+    # Model and engine: identical LoRA init on every rank (same seed), then DeepSpeed.
+    seed_everything(cfg.seed)
+    model, shapes = build_model(cfg, device)
+    marks["model_loaded"] = time.time()
+    engine = build_engine(cfg, model)
+    marks["engine_ready"] = time.time()
+    state = restore(engine, rank)
+    logger = MetricsLogger(loop_config.get("mlflow_run_id"), cfg.tracking_uri()) if rank == 0 else None
+
+    tr = cfg.train
+    window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "seconds": 0.0}
+    engine.train()
+    while state.step < tr.max_steps:
+        t0 = time.perf_counter()
+        for _ in range(tr.grad_accum):
+            batch = {k: v.to(device) for k, v in train_batches[state.position].items()}
+            state.position += 1
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.item()
+            window["micro"] += 1
+            window["tokens"] += float(batch["attention_mask"].sum())
+        window["seconds"] += time.perf_counter() - t0
+        state.step += 1
+        marks.setdefault("first_step_done", time.time())
+
+        last = state.step == tr.max_steps
+        do_eval = state.step % tr.eval_every == 0 or last
+        do_ckpt = state.step % tr.checkpoint_every == 0 or last
+        if not (do_eval or do_ckpt or state.step % tr.report_every == 0):
+            continue
+        loss_sum, micro, tokens, seconds = all_reduce(
+            [window["loss"], window["micro"], window["tokens"], window["seconds"]], device)
+        state.tokens += int(tokens)
+        state.train_seconds += seconds / world
+        metrics = {"step": state.step, "train_loss": loss_sum / max(micro, 1), "lr": engine.get_lr()[0],
+                   "tokens_per_s": tokens / max(seconds / world, 1e-9), "tokens": state.tokens,
+                   "peak_memory_bytes": int(all_reduce([peak_memory_bytes(device)], device, dist.ReduceOp.MAX)[0]),
+                   "epoch": state.position / train_batches.per_epoch, "restarts": state.restarts}
+        if do_eval:
+            metrics.update(evaluate(engine, eval_set, device))
+        if marks:  # first report of this process: how start-up time was spent
+            metrics.update({f"startup_{k}": v for k, v in marks.items()})
+            marks = {}
+        window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "seconds": 0.0}
+        state.history.append(metrics)
+        if logger:
+            logger.log(metrics, state.step)
+
+        if not do_ckpt:
+            ray.train.report(metrics)
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f"lorapipe-ckpt-r{rank}-"))
+        try:
+            save_checkpoint(engine, cfg, state, shapes, rank, tmp)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"checkpoint_step_{state.step:07d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if logger:
+        logger.close()

@@ -1,0 +1,32 @@
+"""Integration fixtures: one real local Ray for the session, a per-test sqlite MLflow store."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # 2 cores here: logical over-subscription lets a driver/trial and two 1-CPU workers coexist.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """The tiny CPU preset pointed at tmp_path for outputs and MLflow, small and fast."""
+    from pipelines.config_loader import load_config
+
+    def make(*overrides: str):
+        return load_config("configs/tiny-cpu.yaml", [
+            f"run.output_dir={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "data.max_examples=120", "train.max_steps=12", "train.eval_every=6", "train.report_every=3",
+            "train.checkpoint_every=6", "train.warmup_steps=0", "train.lr=0.01", *overrides])
+
+    return make

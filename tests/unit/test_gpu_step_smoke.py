@@ -1,0 +1,85 @@
+"""bench/gpu_step.py on a tiny Llama on the CPU: the JSON it writes, and the formulas behind it."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_step.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("gpu_step", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_bench(tmp_path, *extra, modes="lora"):
+    out = tmp_path / "gpu_step.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a CPU smoke test, also on a GPU machine
+    cmd = [sys.executable, str(SCRIPT), "--sizes", "tiny", "--modes", modes, "--steps", "2", "--warmup", "1",
+           "--seq", "32", "--batch", "1", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_tiny_lora_on_cpu_writes_the_report(tmp_path):
+    report = run_bench(tmp_path, "--peak-tflops", "1")
+    for key in ("machine", "versions", "settings", "mfu_formula", "memory_reference", "configs"):
+        assert key in report
+    assert report["machine"]["cpu_cores"] > 0 and report["versions"]["torch"]
+    assert "4*N" in report["mfu_formula"] and "12*L*H*S" in report["mfu_formula"]
+    (c,) = report["configs"]
+    assert (c["size"], c["mode"], c["status"]) == ("tiny", "lora", "ok"), c
+    for key in ("min", "median", "max"):
+        assert c["tokens_per_s"][key] > 0 and c["step_time_s"][key] > 0
+    assert c["tokens_per_s"]["min"] <= c["tokens_per_s"]["median"] <= c["tokens_per_s"]["max"]
+    assert c["tokens_per_step"] == 32
+    assert c["flops_per_token"]["total"] == c["flops_per_token"]["dense_4n"] + c["flops_per_token"]["attention"]
+    assert c["flops_per_token"]["dense_4n"] == 4 * c["n_params"]
+    assert c["mfu"] > 0 and c["mfu_dense_only"] > 0 and c["peak_bf16_tflops_source"] == "--peak-tflops"
+    assert c["adapter"]["trainable_params"] > 0 and c["loss"]["finite"]
+    assert c["memory"]["cpu_max_rss_bytes"] > 0 and c["memory"]["peak_allocated_bytes"] is None
+    assert c["anchor"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_tiny_qlora_goes_through_the_4bit_load(tmp_path):
+    (c,) = run_bench(tmp_path, modes="qlora")["configs"]
+    assert c["status"] == "ok", c
+    assert "nf4" in c["base_load"]["quantization"] and c["tokens_per_s"]["median"] > 0
+    assert c["mfu"] is None  # no peak known for a CPU and none given
+
+
+def test_param_count_formula_matches_built_models_and_published_counts():
+    from transformers import LlamaForCausalLM
+
+    bench = load_bench()
+    cfg = bench.llama_config("tiny", 32)
+    assert bench.base_param_count(cfg) == LlamaForCausalLM(cfg).num_parameters()
+    cfg.tie_word_embeddings = True
+    assert bench.base_param_count(cfg) == LlamaForCausalLM(cfg).num_parameters()
+    assert bench.base_param_count(bench.llama_config("8b", 2048)) == 8_030_261_248  # Llama-3-8B
+    assert bench.base_param_count(bench.llama_config("1b", 2048)) == 1_235_814_400  # Llama-3.2-1B
+
+
+def test_peak_flops_table_and_override():
+    bench = load_bench()
+    assert bench.peak_bf16_tflops("NVIDIA H100 80GB HBM3", None)[0] == 989
+    assert bench.peak_bf16_tflops("NVIDIA H100 PCIe", None)[0] == 756
+    assert bench.peak_bf16_tflops("NVIDIA H200", None)[0] == 989
+    assert bench.peak_bf16_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312
+    assert bench.peak_bf16_tflops("NVIDIA L4", None)[0] == 121
+    assert bench.peak_bf16_tflops("NVIDIA L40S", None)[0] is None
+    assert bench.peak_bf16_tflops("NVIDIA L40S", 362.0) == (362.0, "--peak-tflops")
+
+
+def test_unknown_size_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "70b"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "70b" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
