@@ -1,33 +1,24 @@
 """Model-side library: load a base (16/32-bit or 4-bit NF4), build and apply LoRA, count, merge, save.
 
 Imports no ray, mlflow or deepspeed; bitsandbytes is imported lazily, only when 4-bit is asked for.
+Submodules load on first use, so `import lora` (and the CLI's config checks) stay fast.
 """
-from lora.errors import LoraInputError
-from lora.base import load_base_model, load_tokenizer, torch_dtype, model_content_hash
-from lora.adapter import (
-    apply_lora,
-    build_lora_config,
-    expected_trainable_params,
-    linear_module_names,
-    load_adapter,
-    save_adapter,
-    verify_adapter_files,
-)
-from lora.merge import dequantize_linear4bit_, merge_adapter
+from importlib import import_module
 
-__all__ = [
-    "LoraInputError",
-    "apply_lora",
-    "build_lora_config",
-    "dequantize_linear4bit_",
-    "expected_trainable_params",
-    "linear_module_names",
-    "load_adapter",
-    "load_base_model",
-    "load_tokenizer",
-    "merge_adapter",
-    "model_content_hash",
-    "save_adapter",
-    "torch_dtype",
-    "verify_adapter_files",
-]
+from lora.errors import LoraInputError
+
+_EXPORTS = {
+    "load_base_model": "lora.base", "load_tokenizer": "lora.base", "torch_dtype": "lora.base",
+    "model_content_hash": "lora.base",
+    "apply_lora": "lora.adapter", "build_lora_config": "lora.adapter", "expected_trainable_params": "lora.adapter",
+    "linear_module_names": "lora.adapter", "load_adapter": "lora.adapter", "save_adapter": "lora.adapter",
+    "verify_adapter_files": "lora.adapter",
+    "dequantize_linear4bit_": "lora.merge", "merge_adapter": "lora.merge",
+}
+__all__ = ["LoraInputError", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lora' has no attribute {name!r}")

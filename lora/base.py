@@ -17,6 +17,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _check_source(path: str) -> None:
     """A local-looking path must exist; anything else is treated as a hub id."""
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
@@ -69,8 +74,8 @@ def load_base_model(
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise LoraInputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise LoraInputError(f"cannot load model {path!r}: {_first_line(e)}") from None
     if quantization == "none":
         model.to(device)
     for p in model.parameters():
@@ -82,7 +87,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optiona
     from transformers import AutoTokenizer
 
     _check_source(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise LoraInputError(f"cannot load tokenizer {path!r}: {_first_line(e)}") from None
     if tok.pad_token is None:
         # Padding positions are masked out of the loss, so reusing EOS is safe.
         tok.pad_token = tok.eos_token

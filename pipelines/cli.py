@@ -15,6 +15,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Bound MLflow's own HTTP retries (its default backs off for minutes); ours are bounded too.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def _has_cuda() -> bool:
@@ -51,6 +54,89 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from pipelines.config_loader import load_config
+    from pipelines.report import print_tune_summary
+    from pipelines.tune import tune
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.tune:
+        from pipelines.errors import UserError
+
+        raise UserError(f"{args.config} has no tune: section (see configs/tiny-cpu-tune.yaml)")
+    result = tune(cfg, progress=not args.no_progress, resume=args.resume)
+    print_tune_summary(result)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from pipelines.config_loader import load_config
+    from pipelines.pipeline import run_pipeline
+
+    outcome = run_pipeline(load_config(args.config, args.overrides), progress=not args.no_progress)
+    for line in outcome.lines:
+        print(line)
+    print(f"run directory: {outcome.run_path}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pipelines.merge import merge_run
+
+    report = merge_run(args.run_dir, args.out_dir, onto=args.onto)
+    diff = report.get("max_abs_logit_diff")
+    print(f"merged {args.run_dir} -> {args.out_dir} ({report['method']}, onto {args.onto}); "
+          f"max |logit diff| vs unmerged: {diff:.3g}" if diff is not None else "")
+    return 0
+
+
+def _tracking_uri(explicit: Optional[str]) -> str:
+    from pathlib import Path
+
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def cmd_register(args) -> int:
+    from pipelines.registry import register_run
+
+    reg = register_run(args.run_dir, name=args.name, tracking_uri=args.tracking_uri)
+    verb = "registered" if reg.created else "already registered (nothing new)"
+    print(f"{verb}: {reg.name}-adapter v{reg.adapter_version}, {reg.name}-merged v{reg.merged_version} "
+          f"(MLflow run {reg.run_id})")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from pipelines.registry import Gate, promote
+
+    gate = Gate(args.metric, args.mode, args.margin) if args.metric else None
+    result = promote(args.name, args.version, args.alias, force=args.force, reason=args.reason,
+                     tracking_uri=_tracking_uri(args.tracking_uri), gate=gate)
+    print(result.message, file=sys.stdout if result.promoted else sys.stderr)
+    return 0 if result.promoted else 1
+
+
+def cmd_registry(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.registry import describe_model, list_models
+
+    if args.action == "show" and not args.name:
+        from pipelines.errors import UserError
+
+        raise UserError("registry show needs a NAME")
+    uri = _tracking_uri(args.tracking_uri)
+    rows = list_models(uri) if args.action == "list" else describe_model(args.name, uri)
+    table = Table(title=args.name or "registered models")
+    for col in (rows[0].keys() if rows else ["name"]):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    Console().print(table)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipelines.demo import run_demo
 
@@ -72,6 +158,46 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("validate", "check a config and print the resolved form", cmd_validate)
     t = with_config("train", "one Ray Train run -> run directory (+ MLflow run)", cmd_train)
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+    mg = sub.add_parser("merge", help="dequantize-then-merge a run's adapter -> HF safetensors model")
+    mg.add_argument("run_dir")
+    mg.add_argument("out_dir")
+    mg.add_argument("--onto", default="trained", help="trained (default: the base as training saw it) or original")
+    mg.set_defaults(fn=cmd_merge)
+
+    rg = sub.add_parser("register", help="log adapter + merged model to MLflow, register two versions")
+    rg.add_argument("run_dir")
+    rg.add_argument("--name", help="registered model base name (default: registry.name or the run name)")
+    rg.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db")
+    rg.set_defaults(fn=cmd_register)
+
+    pr = sub.add_parser("promote", help="move an alias to a version if it beats the current one")
+    pr.add_argument("name", help="registered model name, e.g. tiny-reverse-merged")
+    pr.add_argument("version")
+    pr.add_argument("--alias", default="champion")
+    pr.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as tags)")
+    pr.add_argument("--reason", default="", help="why (recorded with --force)")
+    pr.add_argument("--metric", help="gate metric (default: the one recorded at register time)")
+    pr.add_argument("--mode", default="min", choices=["min", "max"])
+    pr.add_argument("--margin", type=float, default=0.0)
+    pr.add_argument("--tracking-uri")
+    pr.set_defaults(fn=cmd_promote)
+
+    rs = sub.add_parser("registry", help="list registered models, or show one's versions and aliases")
+    rs.add_argument("action", choices=["list", "show"])
+    rs.add_argument("name", nargs="?")
+    rs.add_argument("--tracking-uri")
+    rs.set_defaults(fn=cmd_registry)
+
+    tn = with_config("tune", "Ray Tune search -> trial run dirs, best config YAML, plot", cmd_tune)
+    tn.add_argument("--resume", action="store_true", help="continue a search whose driver died")
+    tn.add_argument("--no-progress", action="store_true")
+    pl = with_config("pipeline", "tune (if configured) -> train best -> register -> promote", cmd_pipeline)
+    pl.add_argument("--no-progress", action="store_true")
+
+    from pipelines.submit import add_submit_commands
+
+    add_submit_commands(sub)
 
     d = sub.add_parser("demo", help="the embedded end-to-end run (`make demo`)")
     d.add_argument("--workdir", default=".demo", help="where the demo writes its base model, data and runs")

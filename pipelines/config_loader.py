@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,6 +13,22 @@ from pipelines.config import RunConfig
 from pipelines.errors import UserError
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where '1e-4' is a string; overrides like train.lr=1e-4 and
+    tune ranges like [1e-5, 1e-3] mean numbers (YAML 1.2)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in item:
@@ -20,7 +37,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -45,7 +62,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -68,7 +85,8 @@ def validate_config(data: dict, source: str = "config") -> RunConfig:
 def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> str:
     """The first error as one line: dotted key, what was given, what is allowed."""
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
+    # Drop pydantic's union-member tags (e.g. "literal['all-linear']", "list[str]") from the key.
+    loc = [str(p) for p in first["loc"] if not re.search(r"[\[\]]", str(p))]
     key = ".".join(loc) or "(root)"
     if first["type"] == "extra_forbidden":
         valid = fields_at(schema, loc[:-1])
@@ -101,4 +119,4 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def config_from_yaml_text(text: str) -> RunConfig:
-    return validate_config(yaml.safe_load(text), source="config.yaml")
+    return validate_config(yaml_load(text), source="config.yaml")

@@ -42,6 +42,13 @@ def _check_jsonl(path: Path) -> None:
                     raise UserError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
 
 
+def _is_empty_file(path: Path) -> bool:
+    if path.suffix == ".parquet":
+        return path.stat().st_size == 0
+    text = path.read_text(errors="replace") if path.stat().st_size < (1 << 20) else "x"
+    return not text.strip() or text.strip() in ("[]", "{}")
+
+
 def load_raw_dataset(data_cfg):
     """Rows of a local JSON/JSONL/Parquet file or a `datasets` hub dataset."""
     from datasets import load_dataset
@@ -55,6 +62,8 @@ def load_raw_dataset(data_cfg):
                 raise UserError(f"dataset file {path} has suffix {path.suffix!r}; allowed: .json, .jsonl, .parquet")
             if path.suffix == ".jsonl":
                 _check_jsonl(path)
+            if _is_empty_file(path):
+                raise UserError(f"dataset {data_cfg.path} is empty")
             ds = load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
         else:
             ds = load_dataset(data_cfg.path, split=data_cfg.split)
@@ -77,7 +86,7 @@ def dataset_fingerprint(data_cfg, ds) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return f"sha256:{h.hexdigest()}"
-    return f"datasets:{data_cfg.path}@{getattr(ds, '_fingerprint', 'unknown')}"
+    return f"datasets:{data_cfg.path}@{getattr(ds, '_fingerprint', None) or data_cfg.split}"
 
 
 # -- rendering rows into (text, spans of characters that carry loss) ------------------------

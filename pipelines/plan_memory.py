@@ -83,6 +83,22 @@ class Arch:
         return self.linear_params() + self.vocab * self.hidden
 
 
+def arch_from_hf_config(cfg: dict) -> Arch:
+    """Arch from a transformers config.json dict (Llama-style keys; multimodal `text_config` too).
+
+    Raises KeyError naming the first missing key.
+    """
+    cfg = cfg.get("text_config") or cfg
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if not cfg.get(k)]
+    if missing:
+        raise KeyError(missing[0])
+    return Arch(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"],
+                heads=cfg["num_attention_heads"], kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                vocab=cfg["vocab_size"], tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                head_dim=cfg.get("head_dim"))
+
+
 Precision = Literal["mixed", "fp32-adapter", "pure"]
 
 
@@ -104,7 +120,6 @@ class PlanInputs:
     # fp32-adapter: bare PEFT (adapters autocast to fp32, fp32 grads and Adam states);
     # pure: everything in the model dtype, Adam states included (torchtune's bf16 recipes).
     precision: Precision = "mixed"
-    upcast_dense_fp32: bool = False           # peft.prepare_model_for_kbit_training casts non-4-bit params to fp32
     seq_len: int = 2048
     micro_batch: int = 1
     grad_accum: int = 1
@@ -164,7 +179,7 @@ class MemoryPart:
     """One row of the plan: `full` bytes before partitioning, `per_gpu` after, `host` if offloaded."""
 
     name: str
-    full: float
+    full: Optional[float]      # None for what exists per GPU only (activations, buffers, context)
     per_gpu: float
     host: float = 0.0
     note: str = ""
@@ -178,6 +193,14 @@ class MemoryPlan:
     total: float               # what the device (or the process, in CPU mode) must hold
     host_per_gpu: float = 0.0  # offloaded bytes per rank in host RAM
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def part(self, name: str) -> float:
+        return sum(x.per_gpu for x in self.parts if x.name == name)
+
+    @property
+    def loaded(self) -> float:
+        """Footprint once the model and adapter are loaded, before any step (weights + context)."""
+        return self.part("base weights") + self.part("adapter weights") + self.overhead
 
 
 def activation_bytes_per_token(p: PlanInputs) -> float:
@@ -229,50 +252,45 @@ def logits_bytes_per_token(p: PlanInputs) -> float:
 def weight_bytes(p: PlanInputs) -> tuple[float, float, float]:
     """(packed 4-bit or 16-bit linear weights, their quantization constants, dense params) in bytes."""
     a, b = p.arch, DTYPE_BYTES[p.dtype]
-    dense_b = 4 if p.upcast_dense_fp32 else b
     if p.quantized:
         packed = a.linear_params() * 4 / 8
         consts = a.linear_params() * (QUANT_BITS[p.double_quant] - 4) / 8
-        return packed, consts, a.dense_params() * dense_b
-    return a.linear_params() * b, 0.0, a.dense_params() * dense_b
+        return packed, consts, a.dense_params() * b
+    return a.linear_params() * b, 0.0, a.dense_params() * b
 
 
-def plan_memory(p: PlanInputs) -> MemoryPlan:
-    a, n, stage = p.arch, p.num_gpus, p.zero_stage
-    b = DTYPE_BYTES[p.dtype]
-    parts: list[MemoryPart] = []
-    notes: list[str] = []
-
+def _weight_and_state_parts(p: PlanInputs) -> list[MemoryPart]:
+    """Base, adapter, gradients and optimizer states, each divided the way its ZeRO stage divides it."""
+    n, stage = p.num_gpus, p.zero_stage
     packed, consts, dense = weight_bytes(p)
-    base_full = packed + consts + dense
     if stage == 3 and p.offload_params:
         base_gpu, base_host = consts, (packed + dense) / n
     elif stage == 3:
         # ZeRO-3 partitions parameters only: bitsandbytes' quant_state is not one, so it stays whole.
         base_gpu, base_host = (packed + dense) / n + consts, 0.0
     else:
-        base_gpu, base_host = base_full, 0.0
+        base_gpu, base_host = packed + consts + dense, 0.0
     kind = f"4-bit {p.quantization}{' +dq' if p.double_quant else ''}" if p.quantized else p.dtype
-    parts.append(MemoryPart("base weights", base_full, base_gpu, base_host, kind))
-
+    parts = [MemoryPart("base weights", packed + consts + dense, base_gpu, base_host, kind)]
     trainable = p.adapter_params()
+    w_full = trainable * p.trainable_bytes()
     if p.method == "lora":
-        w_full = trainable * p.trainable_bytes()
-        if stage == 3 and p.offload_params:
-            w_gpu, w_host = 0.0, w_full / n
-        else:
-            w_gpu, w_host = w_full / (n if stage == 3 else 1), 0.0
-        parts.append(MemoryPart("adapter weights", w_full, w_gpu, w_host, f"{trainable / 1e6:,.1f}M params"))
-    g_full = trainable * p.trainable_bytes()
-    parts.append(MemoryPart("gradients", g_full, g_full / (n if stage >= 2 else 1)))
-    o_full = trainable * p.optimizer_bytes()
-    o_div = n if stage >= 1 else 1
+        split = n if stage == 3 else 1
+        on_host = stage == 3 and p.offload_params
+        parts.append(MemoryPart("adapter weights", w_full, 0.0 if on_host else w_full / split,
+                                w_full / n if on_host else 0.0, f"{trainable / 1e6:,.1f}M params"))
+    parts.append(MemoryPart("gradients", w_full, w_full / (n if stage >= 2 else 1)))
+    o_full, o_split = trainable * p.optimizer_bytes(), n if stage >= 1 else 1
     if p.offload_optimizer:
-        parts.append(MemoryPart("optimizer states", o_full, 0.0, o_full / o_div, "AdamW, offloaded to CPU"))
+        parts.append(MemoryPart("optimizer states", o_full, 0.0, o_full / o_split, "AdamW on the CPU"))
     else:
-        parts.append(MemoryPart("optimizer states", o_full, o_full / o_div, 0.0, f"AdamW, {p.optimizer_bytes()} B/param"))
+        parts.append(MemoryPart("optimizer states", o_full, o_full / o_split, 0.0, f"AdamW, {p.optimizer_bytes()} B/param"))
+    return parts
 
-    t = p.tokens_per_micro_batch
+
+def _activation_part(p: PlanInputs) -> tuple[MemoryPart, float]:
+    """Activations at the step's peak (the loss, or one layer's backward) and the loss peak alone."""
+    a, b, t = p.arch, DTYPE_BYTES[p.dtype], p.tokens_per_micro_batch
     layer = activation_bytes_per_token(p) * t
     work = backward_working_bytes_per_token(p) * t
     if p.quantized:
@@ -280,38 +298,46 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     logits = logits_bytes_per_token(p) * t
     if p.gradient_checkpointing:
         kept = a.layers * a.hidden * b * t
-        act_note = f"checkpoints {kept / GiB:.2f} GiB + one layer recomputed {layer / GiB:.2f} GiB"
-        act_peak = kept + max(logits, layer + work)
+        note = f"checkpoints {kept / GiB:.2f} + a layer {layer / GiB:.2f}; loss {logits / GiB:.2f}"
+        peak = kept + max(logits, layer + work)
     else:
         kept = a.layers * layer
-        act_note = f"{a.layers} layers x {layer / GiB:.2f} GiB"
-        act_peak = kept + max(logits, work)
-    parts.append(MemoryPart("activations", act_peak, act_peak, note=f"{act_note}; loss peak {logits / GiB:.2f} GiB"))
+        note = f"{a.layers} layers x {layer / GiB:.2f}; loss {logits / GiB:.2f}"
+        peak = kept + max(logits, work)
+    return MemoryPart("activations", None, peak, note=note), logits
 
-    if stage == 3 and n > 1:
+
+def _deepspeed_parts(p: PlanInputs) -> list[MemoryPart]:
+    a, n, b = p.arch, p.num_gpus, DTYPE_BYTES[p.dtype]
+    parts = []
+    if p.zero_stage == 3 and n > 1:
         # Gathered parameters stay resident while their next use is near (max_reuse_distance), up to
         # stage3_max_live_parameters elements of the storage dtype; never less than a layer and its prefetch.
-        layer_storage = a.layer_linear_params() * (QUANT_BITS[p.double_quant] / 8 if p.quantized else b)
-        gathered = min(packed + dense, max(DS_MAX_LIVE_PARAMETERS * b, 2 * layer_storage, a.vocab * a.hidden * b))
-        parts.append(MemoryPart("ZeRO-3 gathered params", gathered, gathered, note="live + prefetched layers"))
-    if stage >= 1 and n > 1 and not p.cpu:
-        bucket = min(DS_BUCKET_ELEMENTS, trainable) * p.trainable_bytes()
-        parts.append(MemoryPart("DeepSpeed buffers", bucket, bucket, note="gradient reduce bucket"))
+        packed, _, dense = weight_bytes(p)
+        layer = a.layer_linear_params() * (QUANT_BITS[p.double_quant] / 8 if p.quantized else b)
+        gathered = min(packed + dense, max(DS_MAX_LIVE_PARAMETERS * b, 2 * layer, a.vocab * a.hidden * b))
+        parts.append(MemoryPart("ZeRO-3 gathered params", None, gathered, note="live + prefetched layers"))
+    if p.zero_stage >= 1 and n > 1:
+        bucket = min(DS_BUCKET_ELEMENTS, p.adapter_params()) * p.trainable_bytes()
+        parts.append(MemoryPart("DeepSpeed buffers", None, bucket, note="gradient reduce bucket"))
+    return parts
 
+
+def plan_memory(p: PlanInputs) -> MemoryPlan:
+    parts = _weight_and_state_parts(p)
+    activations, logits = _activation_part(p)
+    parts += [activations] + _deepspeed_parts(p)
     allocated = sum(x.per_gpu for x in parts)
     host = sum(x.host for x in parts)
     if p.cpu:
-        overhead = CPU_RUNTIME_BYTES
-        total = allocated * CPU_FRAGMENTATION + overhead
-        parts.append(MemoryPart("runtime (CPU)", overhead, overhead, note="Python, torch, transformers"))
-        parts.append(MemoryPart("allocator slack", allocated * (CPU_FRAGMENTATION - 1),
-                                allocated * (CPU_FRAGMENTATION - 1), note=f"x{CPU_FRAGMENTATION}"))
+        overhead, frag = CPU_RUNTIME_BYTES, CPU_FRAGMENTATION
+        parts.append(MemoryPart("Python runtime", None, overhead, note="torch, transformers, peft loaded"))
     else:
-        overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0)
-        total = allocated * FRAGMENTATION + overhead
-        parts.append(MemoryPart("CUDA context + NCCL" if n > 1 else "CUDA context", overhead, overhead))
-        parts.append(MemoryPart("allocator fragmentation", allocated * (FRAGMENTATION - 1),
-                                allocated * (FRAGMENTATION - 1), note=f"x{FRAGMENTATION} of allocated"))
-    if logits > layer and logits > 0.25 * act_peak:
-        notes.append(f"the loss over {a.vocab:,} vocab entries peaks at {logits / GiB:.1f} GiB per micro batch")
-    return MemoryPlan(tuple(parts), allocated, overhead, total, host, tuple(notes))
+        overhead, frag = CUDA_CONTEXT_BYTES + (NCCL_BYTES if p.num_gpus > 1 else 0), FRAGMENTATION
+        parts.append(MemoryPart("CUDA context + NCCL" if p.num_gpus > 1 else "CUDA context", None, overhead))
+    parts.append(MemoryPart("allocator slack", None, allocated * (frag - 1), note=f"x{frag} of the tensors"))
+    notes = []
+    if logits > 0.25 * activations.per_gpu:
+        notes.append(f"the loss over {p.arch.vocab:,} vocab entries peaks at {logits / GiB:.1f} GiB per micro batch; "
+                     "a smaller micro batch shrinks it")
+    return MemoryPlan(tuple(parts), allocated, overhead, allocated * frag + overhead, host, tuple(notes))

@@ -11,8 +11,10 @@ same formula (configs/gpus/catalogue.yaml), so the convention cancels out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
-from pipelines.plan_memory import DTYPE_BYTES, QUANT_BITS, PlanInputs
+from pipelines.plan_memory import DTYPE_BYTES, PlanInputs
 
 NCCL_EFFICIENCY = 0.75   # achieved / nominal link bandwidth for large ring collectives
 
@@ -85,5 +87,48 @@ def plan_time(p: PlanInputs, *, peak_tflops: float, utilization: float, bandwidt
                     gpu_h * price_per_gpu_hour, utilization, bandwidth_gbps)
 
 
-def quantized_weight_bits(p: PlanInputs) -> float:
-    return QUANT_BITS[p.double_quant] if p.quantized else 8 * DTYPE_BYTES[p.dtype]
+# -- the GPU catalogue (configs/gpus/catalogue.yaml) -------------------------------------------
+CATALOGUE_PATH = Path(__file__).resolve().parents[1] / "configs" / "gpus" / "catalogue.yaml"
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    description: str
+    memory_gib: Optional[float]       # None: CPU mode, the host's RAM
+    bf16_tflops: float
+    intra_node_gbps: float
+    inter_node_gbps: float
+    gpus_per_node: int
+    price_per_gpu_hour: float
+    utilization: dict[str, float]     # lora / qlora / full
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    default_gpu: str
+    gpus: dict[str, GpuSpec]
+
+
+def load_catalogue(path: Path = CATALOGUE_PATH) -> Catalogue:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    anchors = data["utilization"]
+    gpus = {name: GpuSpec(name=name, description=g["description"], memory_gib=g["memory_gib"],
+                          bf16_tflops=float(g["bf16_tflops"]), intra_node_gbps=float(g["intra_node_gbps"]),
+                          inter_node_gbps=float(g["inter_node_gbps"]), gpus_per_node=int(g["gpus_per_node"]),
+                          price_per_gpu_hour=float(g["price_per_gpu_hour"]),
+                          utilization={**anchors, **g.get("utilization", {})})
+            for name, g in data["gpus"].items()}
+    return Catalogue(default_gpu=data["default_gpu"], gpus=gpus)
+
+
+def gpu_spec(name: str, catalogue: Optional[Catalogue] = None) -> GpuSpec:
+    catalogue = catalogue or load_catalogue()
+    spec = catalogue.gpus.get(name.lower())
+    if spec is None:
+        from pipelines.errors import UserError
+
+        raise UserError(f"unknown GPU {name!r}; known: {', '.join(catalogue.gpus)}")
+    return spec

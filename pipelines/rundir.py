@@ -67,6 +67,10 @@ class RunDir:
     def lineage(self) -> dict:
         return json.loads((self.path / "lineage.json").read_text())
 
+    def digest_of(self, rel: str) -> str:
+        recorded = json.loads((self.path / "digests.json").read_text())
+        return recorded.get(rel) or sha256_file(self.path / rel)
+
     def verify_digests(self) -> None:
         """Every file still has the digest recorded at write time (checked before registering)."""
         recorded = json.loads((self.path / "digests.json").read_text()) if (self.path / "digests.json").is_file() else {}

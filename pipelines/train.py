@@ -166,12 +166,12 @@ def startup_breakdown(driver: dict, first_report: dict) -> dict:
     }
 
 
-def lineage(cfg: RunConfig, source_cfg: RunConfig, fingerprint: str, data_stats: dict, extra: dict) -> dict:
+def lineage(cfg: RunConfig, source_model: str, fingerprint: str, data_stats: dict, extra: dict) -> dict:
     from lora import model_content_hash
 
     return {
         "base_model": cfg.model.path,
-        "base_model_source": source_cfg.model.path,
+        "base_model_source": source_model,
         "base_model_sha256": model_content_hash(cfg.model.path),
         "dataset": cfg.data.path,
         "dataset_fingerprint": fingerprint,
@@ -183,24 +183,56 @@ def lineage(cfg: RunConfig, source_cfg: RunConfig, fingerprint: str, data_stats:
     }
 
 
+def latest_complete_checkpoint(ray_run_path: Path) -> Optional[Path]:
+    """The newest checkpoint_* directory under a Ray Train run that carries the completion marker."""
+    from pipelines.worker import COMPLETE_MARKER
+
+    found = sorted(p for p in Path(ray_run_path).glob("checkpoint_*") if (p / COMPLETE_MARKER).is_file())
+    return found[-1] if found else None
+
+
+def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fingerprint: str, data_stats: dict,
+                            extra: dict, marks: Optional[dict] = None):
+    """The run directory from a complete checkpoint (the final one, or an early-stopped trial's last)."""
+    from pipelines.config_loader import config_from_yaml_text
+    from pipelines.rundir import write_run_dir
+    from pipelines.worker import COMPLETE_MARKER, STATE_FILE
+
+    if not (ckpt / COMPLETE_MARKER).is_file():
+        raise RuntimeError(f"checkpoint {ckpt} has no {COMPLETE_MARKER} marker; not using it")
+    config_yaml = (ckpt / "config.yaml").read_text()
+    cfg = config_from_yaml_text(config_yaml)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    metrics = final_metrics(state)
+    if marks:
+        metrics["startup"] = startup_breakdown(marks, state["history"][0])
+    history = "".join(json.dumps(m) + "\n" for m in state["history"])
+    return write_run_dir(run_dir, config_yaml=config_yaml, adapter_src=ckpt / "adapter", metrics=metrics,
+                         lineage=lineage(cfg, source_model, fingerprint, data_stats, extra),
+                         extra_files={"history.jsonl": history})
+
+
 def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str] = None,
-          parent_run_id: Optional[str] = None, callbacks: Optional[list] = None):
+          parent_run_id: Optional[str] = None, callbacks: Optional[list] = None, preflight_checks: bool = True):
     """One Ray Train run. Returns the RunDir it wrote."""
     import ray
 
     from pipelines import tracking
     from pipelines.builtin import resolve_builtins
-    from pipelines.config_loader import dump_config
+    from pipelines.data import dataset_fingerprint
     from pipelines.progress import ForwardMetrics, ProgressSink, live_progress
-    from pipelines.rundir import write_run_dir
 
     marks = {"invoked": time.time()}
-    source_cfg = cfg
+    source_model = cfg.model.path
     cfg = resolved_paths(with_run_name(resolve_builtins(cfg)))
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if run_dir.exists():
         raise UserError(f"run directory {run_dir} already exists; set run.name=... to a new name")
-    data = preflight(cfg)
+    if preflight_checks:
+        data = preflight(cfg)
+        fingerprint, data_stats = data.fingerprint, data.stats
+    else:  # a Tune trial: the driver already checked the base config and the searched values
+        fingerprint, data_stats = dataset_fingerprint(cfg.data, None), {}
     marks["preflight_done"] = time.time()
 
     run_id = None
@@ -224,21 +256,16 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
         raise
     finally:
         ray.kill(sink)
+    extra = {"tune_trial_id": tune_trial_id, "mlflow_run_id": run_id, "ray_run_path": result.path,
+             "checkpoint": result.checkpoint.path}
     with result.checkpoint.as_directory() as ckpt:
-        ckpt = Path(ckpt)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        metrics = final_metrics(state)
-        metrics["startup"] = startup_breakdown(marks, state["history"][0])
-        extra = {"tune_trial_id": tune_trial_id, "mlflow_run_id": run_id, "ray_run_path": result.path,
-                 "checkpoint": result.checkpoint.path}
-        history = "".join(json.dumps(m) + "\n" for m in state["history"])
-        out = write_run_dir(run_dir, config_yaml=dump_config(cfg), adapter_src=ckpt / "adapter", metrics=metrics,
-                            lineage=lineage(cfg, source_cfg, data.fingerprint, data.stats, extra),
-                            extra_files={"history.jsonl": history})
+        out = run_dir_from_checkpoint(Path(ckpt), run_dir, source_model=source_model, fingerprint=fingerprint,
+                                      data_stats=data_stats, extra=extra, marks=marks)
     if run_id:
+        metrics = out.metrics()
         try:
-            tracking.log_metrics(cfg.tracking_uri(), run_id, {f"final_{k}": v for k, v in metrics.items()},
-                                 metrics["train_steps"])
+            tracking.log_metrics(cfg.tracking_uri(), run_id, {f"final_{k}": v for k, v in metrics.items()
+                                                              if isinstance(v, (int, float))}, metrics["train_steps"])
             tracking.finish_run(cfg.tracking_uri(), run_id)
         except Exception as e:
             print(f"warning: MLflow run {run_id} not finalised ({type(e).__name__}); metrics are in {out.path}")

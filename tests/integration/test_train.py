@@ -22,7 +22,7 @@ def _assert_contract(run):
     assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
     lineage = run.lineage()
     for key in ("base_model", "base_model_sha256", "dataset_fingerprint", "lorapipe_version", "seed"):
-        assert lineage[key], key
+        assert lineage[key] is not None and lineage[key] != "", key
     cfg = run.config()  # the resolved config re-validates
     assert cfg.run.name == run.path.name
 

@@ -1,0 +1,42 @@
+"""`lorapipe pipeline`: tune (if the config has a tune section) -> train the best config ->
+register -> promote to `candidate`, and to `champion` only through the evaluation gate."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipelines.config import RunConfig
+
+
+@dataclass
+class PipelineOutcome:
+    run_path: str
+    model_name: str
+    version: str
+    champion: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def register_and_promote(run, tracking_uri: Optional[str] = None) -> PipelineOutcome:
+    from pipelines.registry import promote, register_run
+
+    uri = tracking_uri or run.config().tracking_uri()
+    reg = register_run(run.path, tracking_uri=uri)
+    merged = f"{reg.name}-merged"
+    lines = [f"registered {reg.name}-adapter v{reg.adapter_version} and {merged} v{reg.merged_version}"]
+    lines.append(promote(merged, reg.merged_version, "candidate", tracking_uri=uri, gated=False).message)
+    champ = promote(merged, reg.merged_version, "champion", tracking_uri=uri)
+    lines.append(champ.message)
+    return PipelineOutcome(str(run.path), merged, reg.merged_version, champ.promoted, lines)
+
+
+def run_pipeline(cfg: RunConfig, progress: bool = True) -> PipelineOutcome:
+    from pipelines.train import train
+
+    if cfg.tune:
+        from pipelines.tune import tune
+
+        search = tune(cfg, progress=progress)
+        cfg = search.best_config_for_training()
+    run = train(cfg, progress=progress)
+    return register_and_promote(run)

@@ -1,0 +1,187 @@
+"""Registry against a real `mlflow server` (sqlite backend, local artifact root) on 127.0.0.1.
+
+Run directories are produced in-process (a few real LoRA steps on the tiny base, written with the
+same writer training uses): the registry reads only the run directory, so Ray is not needed here.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def make_run_dir(tmp: Path, name: str, *, quantization: str, steps: int, uri: str, seed: int = 0):
+    """Train a real adapter for `steps` on the tiny base, evaluate it, write a contract run dir."""
+    from lora import apply_lora, build_lora_config, load_base_model, load_tokenizer
+    from pipelines.builtin import materialize_tiny_llama
+    from pipelines.config_loader import dump_config, load_config
+    from pipelines.data import MicroBatches, eval_batches, prepare_data
+    from pipelines.rundir import write_run_dir
+
+    base_dir = materialize_tiny_llama()
+    cfg = load_config("configs/tiny-cpu.yaml", [
+        f"model.path={base_dir}", f"model.quantization={quantization}", f"run.name={name}",
+        f"run.output_dir={tmp}", f"mlflow.tracking_uri={uri}", "data.path=builtin:demo-tasks", "data.max_examples=200",
+        "registry.name=regtest"])
+    from pipelines.builtin import resolve_builtins
+
+    cfg = resolve_builtins(cfg)
+    tok = load_tokenizer(cfg.model.path)
+    data = prepare_data(cfg.data, tok, cfg.seed)
+    torch.manual_seed(seed)
+    base = load_base_model(cfg.model.path, dtype="fp32", quantization=quantization)
+    model = apply_lora(base, build_lora_config(base, r=8, alpha=16, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = MicroBatches(data.train, 8, seed, tok.pad_token_id)
+    model.train()
+    for step in range(steps):
+        loss = model(**batches[step]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        evals = eval_batches(data.eval, 8, 4, len(data.eval), 1, tok.pad_token_id)
+        eval_loss = sum(model(**b).loss.item() for b in evals) / len(evals)
+    adapter = tmp / f"{name}-adapter-src"
+    model.save_pretrained(str(adapter))
+    metrics = {"train_loss": loss.item(), "eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(eval_loss))),
+               "tokens_per_s": 1.0, "train_steps": steps, "peak_memory_bytes": 1}
+    lineage = {"base_model": cfg.model.path, "base_model_sha256": "x", "dataset_fingerprint": data.fingerprint,
+               "lorapipe_version": "test", "seed": seed, "mlflow_run_id": None}
+    return write_run_dir(tmp / name, config_yaml=dump_config(cfg), adapter_src=adapter, metrics=metrics, lineage=lineage)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora import load_base_model
+    from pipelines.cli import main
+    from pipelines.registry import promote, register_run
+
+    uri = mlflow_server
+    weak = make_run_dir(tmp_path, "weak", quantization="nf4", steps=2, uri=uri)
+    strong = make_run_dir(tmp_path, "strong", quantization="nf4", steps=25, uri=uri)
+    assert strong.metrics()["eval_loss"] < weak.metrics()["eval_loss"]
+
+    reg = register_run(strong.path, tracking_uri=uri)
+    assert reg.created and reg.name == "regtest"
+    again = register_run(strong.path, tracking_uri=uri)  # idempotent: no duplicate versions
+    assert not again.created and (again.adapter_version, again.merged_version) == (reg.adapter_version, reg.merged_version)
+    client = mlflow.MlflowClient(uri)
+    assert len(client.search_model_versions("name='regtest-merged'")) == 1
+
+    # Load back with stock MLflow + transformers/PEFT; logits equal the run directory's model.
+    mlflow.set_tracking_uri(uri)
+    merged_dir = mlflow.artifacts.download_artifacts(f"models:/regtest-merged/{reg.merged_version}")
+    adapter_dir = mlflow.artifacts.download_artifacts(f"models:/regtest-adapter/{reg.adapter_version}")
+    cfg = strong.config()
+    ids = torch.arange(4, 30).unsqueeze(0)
+    trained = PeftModel.from_pretrained(load_base_model(cfg.model.path, dtype="fp32", quantization="nf4"), str(strong.adapter))
+    reference = _logits(trained, ids)
+    from_registry_adapter = PeftModel.from_pretrained(load_base_model(cfg.model.path, dtype="fp32", quantization="nf4"), adapter_dir)
+    assert torch.equal(_logits(from_registry_adapter, ids), reference)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert (_logits(merged, ids) - reference).abs().max() < 1e-4
+    mv = client.get_model_version("regtest-merged", reg.merged_version)
+    assert mv.tags["lorapipe.merge_method"] == "dequantize-then-merge"
+    assert float(mv.tags["lorapipe.merge_max_abs_logit_diff"]) < 1e-4
+    assert float(mv.tags["lorapipe.metric.eval_loss"]) == pytest.approx(strong.metrics()["eval_loss"])
+
+    # Promotion: first needs no comparison; a worse version is refused showing both values.
+    first = promote("regtest-merged", reg.merged_version, "champion", tracking_uri=uri)
+    assert first.promoted
+    worse = register_run(weak.path, tracking_uri=uri)
+    rc = main(["promote", "regtest-merged", worse.merged_version, "--tracking-uri", uri])
+    err = capsys.readouterr().err
+    assert rc == 1 and "refused" in err
+    assert f"{weak.metrics()['eval_loss']:.6g}" in err and f"{strong.metrics()['eval_loss']:.6g}" in err
+    assert client.get_model_version_by_alias("regtest-merged", "champion").version == str(reg.merged_version)
+    # Forced promotion records who/when/why; moving back to the better version is the rollback.
+    rc = main(["promote", "regtest-merged", worse.merged_version, "--force", "--reason", "canary", "--tracking-uri", uri])
+    assert rc == 0
+    forced = client.get_model_version("regtest-merged", worse.merged_version)
+    assert forced.tags["lorapipe.forced.champion.reason"] == "canary" and forced.tags["lorapipe.forced.champion.by"]
+    assert client.get_model_version_by_alias("regtest-merged", "champion").version == str(worse.merged_version)
+    # Now the strong version beats the (forced, worse) champion: the gate lets it through.
+    assert promote("regtest-merged", reg.merged_version, "champion", tracking_uri=uri).promoted
+    assert client.get_model_version_by_alias("regtest-merged", "champion").version == str(reg.merged_version)
+
+
+def test_merge_parity_16bit_and_4bit(tmp_path):
+    from pipelines.merge import merge_run
+
+    for quant, tol in (("none", 1e-5), ("nf4", 1e-4)):
+        run = make_run_dir(tmp_path, f"run-{quant}", quantization=quant, steps=3, uri="sqlite:///unused.db")
+        report = merge_run(run.path, tmp_path / f"merged-{quant}")
+        assert report["max_abs_logit_diff"] < tol, report
+        assert report["method"] == ("dequantize-then-merge" if quant == "nf4" else "merge")
+        assert (tmp_path / f"merged-{quant}" / "model.safetensors").is_file()
+
+
+def test_bad_registry_input_is_one_line(tmp_path, mlflow_server, capsys):
+    from pipelines.cli import main
+
+    cases = [
+        (["register", str(tmp_path / "nope")], "run directory not found"),
+        (["promote", "regtest-merged", "99", "--tracking-uri", mlflow_server], "has no version 99"),
+        (["promote", "regtest-merged", "abc", "--tracking-uri", mlflow_server], "not a version number"),
+        (["promote", "bad/name", "1", "--tracking-uri", mlflow_server], "is not allowed"),
+        (["promote", "x", "1", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], "unreachable"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)

@@ -1,0 +1,318 @@
+"""`lorapipe plan`: published memory figures, ZeRO partitioning arithmetic, the GPU catalogue,
+time/cost arithmetic, and the one-line errors. Pure: no model is loaded (one tiny Llama is built
+from a config to check the parameter counts)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+from pipelines.config_loader import load_config
+from pipelines.errors import UserError
+from pipelines.plan import add_plan_arguments, cmd_plan, plan_for_config, resolve_arch, verdict_line
+from pipelines.plan_memory import (CUDA_CONTEXT_BYTES, GiB, QUANT_BITS, Arch, PlanInputs, arch_from_hf_config,
+                                   plan_memory)
+from pipelines.plan_time import flops_per_token, gpu_spec, load_catalogue, plan_time
+
+GB = 1e9
+PRESET_8B = "configs/llama3-8b-qlora-zero3.yaml"
+TINY = "configs/tiny-cpu.yaml"
+
+# Architectures as their config.json files give them.
+LLAMA1 = {"7B": Arch(4096, 11008, 32, 32, 32, 32000), "13B": Arch(5120, 13824, 40, 40, 40, 32000),
+          "33B": Arch(6656, 17920, 60, 52, 52, 32000), "65B": Arch(8192, 22016, 80, 64, 64, 32000)}
+LLAMA2_70B = Arch(8192, 28672, 80, 64, 8, 32000)
+LLAMA31_8B = Arch(4096, 14336, 32, 32, 8, 128256)
+LLAMA32_1B = Arch(2048, 8192, 16, 32, 8, 128256, tie_embeddings=True)
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def rel(planned: float, published: float) -> float:
+    return planned / published - 1
+
+
+# -- published figures -------------------------------------------------------------------------
+@pytest.mark.parametrize("size,published_gb", [("65B", 41), ("33B", 21), ("13B", 10), ("7B", 5)])
+def test_qlora_paper_guanaco_footprint(size, published_gb):
+    """QLoRA paper (Dettmers et al. 2023, arXiv:2305.14314), the Guanaco sizes: 65B 41 GB, 33B 21 GB,
+    13B 10 GB, 7B 5 GB, the 4-bit model's memory footprint on one GPU.
+
+    Settings of the paper's qlora.py: LLaMA-1 shapes, NF4 with double quantization, bf16 compute,
+    LoRA r=64 on every linear layer held in bf16, embeddings and head in bf16. Compared: the plan's
+    loaded footprint (base + adapter weights + CUDA context), decimal GB, within 15%.
+    """
+    plan = plan_memory(PlanInputs(LLAMA1[size], lora_r=64, lora_targets="all-linear", quantization="nf4",
+                                  double_quant=True, dtype="bf16", precision="mixed"))
+    assert abs(rel(plan.loaded / GB, published_gb)) <= 0.15, plan.loaded / GB
+
+
+def test_peft_deepspeed_docs_70b_qlora_zero3_two_gpus():
+    """PEFT docs, "Use PEFT QLoRA and DeepSpeed with ZeRO3 for finetuning large models on multiple
+    GPUs" (huggingface/peft docs/source/accelerate/deepspeed.md): Llama-2-70B on 2 GPUs, 36.6 GB per
+    GPU. Settings from its run_peft_qlora_deepspeed_stage3.sh: max_seq_len 2048 (packed), per-device
+    batch 2, grad accum 2, gradient checkpointing, flash attention, LoRA r=8 all-linear dropout 0.1,
+    NF4 nested quant, bf16 quant storage, bf16 mixed precision. The figure is the GPU's used memory
+    (read as GiB, as nvidia-smi's MiB give it): compared with the plan's total, within 15%."""
+    p = PlanInputs(LLAMA2_70B, num_gpus=2, lora_r=8, lora_dropout=0.1, quantization="nf4", seq_len=2048,
+                   micro_batch=2, grad_accum=2, gradient_checkpointing=True, attn_implementation="flash", zero_stage=3)
+    assert abs(rel(plan_memory(p).total / GiB, 36.6)) <= 0.15
+
+
+def test_peft_deepspeed_docs_70b_lora_zero3_eight_gpus():
+    """Same PEFT docs page, "Use PEFT and DeepSpeed with ZeRO3 ...": Llama-2-70B, LoRA (no
+    quantization) on 8x H100 80GB, "64 GB (80%)" per GPU. run_peft_deepspeed.sh: max_seq_len 2048,
+    per-device batch 8, grad accum 4, gradient checkpointing, flash attention, r=8 all-linear
+    dropout 0.1, bf16. Compared with the plan's total, within 15%."""
+    p = PlanInputs(LLAMA2_70B, num_gpus=8, lora_r=8, lora_dropout=0.1, quantization="none", seq_len=2048,
+                   micro_batch=8, grad_accum=4, gradient_checkpointing=True, attn_implementation="flash", zero_stage=3)
+    assert abs(rel(plan_memory(p).total / GiB, 64)) <= 0.15
+
+
+@pytest.mark.parametrize("method,published_gib", [("lora", 16.2), ("qlora", 7.4)])
+def test_torchtune_llama31_8b_single_gpu(method, published_gib):
+    """torchtune README, "Memory and training speed" (pytorch/torchtune): Llama 3.1 8B on one GPU,
+    LoRA 16.2 GiB, QLoRA 7.4 GiB peak. Settings: batch 2, packed to 2048 tokens, activation
+    checkpointing (recipe default), bf16 throughout (torchtune keeps LoRA weights and AdamW states in
+    bf16: precision="pure"), r=8; LoRA on q,v,output_proj + MLP (8B_lora_single_device), QLoRA on
+    q,k,v,output_proj + MLP (8B_qlora_single_device, torchao NF4 with double quantized scalers);
+    chunked cross-entropy in 8 chunks. torchtune's peak memory is torch.cuda.max_memory_allocated,
+    so it is compared with the plan's allocated peak (tensors, no CUDA context), within 15%."""
+    targets = ALL if method == "qlora" else ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    p = PlanInputs(LLAMA31_8B, quantization="nf4" if method == "qlora" else "none", lora_r=8, lora_targets=targets,
+                   seq_len=2048, micro_batch=2, gradient_checkpointing=True, precision="pure", loss_chunks=8)
+    assert abs(rel(plan_memory(p).allocated_peak / GiB, published_gib)) <= 0.15
+
+
+# Measured in this project on one H100 80GB HBM3 (torch 2.11, transformers 5.17, peft 0.21,
+# bitsandbytes 0.50) by tests/integration/test_plan_measured.py's CUDA cases: bare PEFT (fp32
+# adapter), AdamW, r=16 all-linear, sdpa; torch.cuda.max_memory_allocated after the first step.
+H100_MEASURED = [
+    (LLAMA31_8B, "none", 2, 2048, True, 23.40),
+    (LLAMA31_8B, "nf4", 2, 2048, True, 13.76),
+    (LLAMA31_8B, "none", 1, 2048, False, 36.95),
+    (LLAMA32_1B, "none", 4, 1024, False, 19.00),
+]
+
+
+@pytest.mark.parametrize("arch,quant,batch,seq,ckpt,measured_gib", H100_MEASURED)
+def test_h100_measured_allocated_peaks(arch, quant, batch, seq, ckpt, measured_gib):
+    p = PlanInputs(arch, quantization=quant, lora_r=16, precision="fp32-adapter", seq_len=seq, micro_batch=batch,
+                   gradient_checkpointing=ckpt)
+    assert abs(rel(plan_memory(p).allocated_peak / GiB, measured_gib)) <= 0.05
+
+
+# -- partitioning arithmetic -------------------------------------------------------------------
+def parts(p: PlanInputs) -> dict:
+    return {x.name: x for x in plan_memory(p).parts}
+
+
+BF16_LORA = PlanInputs(LLAMA31_8B, quantization="none", seq_len=512, micro_batch=1)
+
+
+def test_zero3_divides_base_adapter_grads_and_optimizer_by_n():
+    got = parts(BF16_LORA.with_(zero_stage=3, num_gpus=8))
+    for name in ("base weights", "adapter weights", "gradients", "optimizer states"):
+        assert got[name].per_gpu == pytest.approx(got[name].full / 8)
+
+
+def test_zero3_keeps_bitsandbytes_quant_constants_whole():
+    q = PlanInputs(LLAMA31_8B, quantization="nf4", zero_stage=3, num_gpus=8)
+    base = parts(q)["base weights"]
+    consts = LLAMA31_8B.linear_params() * (QUANT_BITS[True] - 4) / 8
+    assert base.per_gpu == pytest.approx((base.full - consts) / 8 + consts)
+
+
+def test_zero2_divides_grads_and_optimizer_only():
+    got = parts(BF16_LORA.with_(zero_stage=2, num_gpus=4))
+    assert got["base weights"].per_gpu == got["base weights"].full
+    assert got["adapter weights"].per_gpu == got["adapter weights"].full
+    assert got["gradients"].per_gpu == pytest.approx(got["gradients"].full / 4)
+    assert got["optimizer states"].per_gpu == pytest.approx(got["optimizer states"].full / 4)
+
+
+def test_zero1_divides_optimizer_only_and_zero0_nothing():
+    one, zero = parts(BF16_LORA.with_(zero_stage=1, num_gpus=4)), parts(BF16_LORA.with_(zero_stage=0, num_gpus=4))
+    assert one["gradients"].per_gpu == one["gradients"].full
+    assert one["optimizer states"].per_gpu == pytest.approx(one["optimizer states"].full / 4)
+    assert all(zero[k].per_gpu == zero[k].full for k in ("base weights", "gradients", "optimizer states"))
+
+
+def test_offload_moves_optimizer_then_params_to_host():
+    opt = parts(BF16_LORA.with_(zero_stage=2, num_gpus=4, offload_optimizer=True))["optimizer states"]
+    assert opt.per_gpu == 0 and opt.host == pytest.approx(opt.full / 4)
+    off = parts(BF16_LORA.with_(zero_stage=3, num_gpus=4, offload_optimizer=True, offload_params=True))
+    assert off["base weights"].per_gpu == 0 and off["base weights"].host == pytest.approx(off["base weights"].full / 4)
+
+
+def test_activations_do_not_shrink_with_gpus_but_checkpointing_and_micro_batch_do():
+    def act(p):
+        return parts(p)["activations"].per_gpu
+
+    assert act(BF16_LORA.with_(zero_stage=3, num_gpus=8)) == act(BF16_LORA)
+    assert act(BF16_LORA.with_(gradient_checkpointing=True)) < act(BF16_LORA) / 3
+    assert act(BF16_LORA.with_(micro_batch=2)) == pytest.approx(2 * act(BF16_LORA))
+
+
+def test_four_bit_weights_cost_4_127_bits_with_double_quant():
+    assert QUANT_BITS[True] == pytest.approx(4.127, abs=1e-3)
+    assert QUANT_BITS[False] == 4.5
+    q = parts(PlanInputs(LLAMA1["65B"], quantization="nf4"))["base weights"]
+    dense = LLAMA1["65B"].dense_params() * 2
+    assert (q.full - dense) * 8 / LLAMA1["65B"].linear_params() == pytest.approx(4.127, abs=1e-3)
+
+
+def test_counts_match_a_real_llama_and_peft():
+    """Parameter and adapter counts equal what transformers builds and lora/ expects PEFT to make."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora.adapter import build_lora_config, expected_trainable_params
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(cfg)
+    arch = arch_from_hf_config(cfg.to_dict())
+    assert arch.total_params() == sum(p.numel() for p in model.parameters())
+    for targets in ("all-linear", ["q_proj", "v_proj"]):
+        lcfg = build_lora_config(model, r=8, alpha=16, target_modules=targets)
+        p = PlanInputs(arch, lora_r=8, lora_targets=targets if targets == "all-linear" else tuple(targets))
+        assert p.adapter_params() == expected_trainable_params(model, lcfg)
+
+
+# -- time and cost ------------------------------------------------------------------------------
+def test_flops_per_token_about_4n_lora_6n_full_plus_recompute():
+    n = LLAMA31_8B.matmul_params()
+    short = PlanInputs(LLAMA31_8B, seq_len=8, lora_r=1)  # attention and adapter negligible
+    assert flops_per_token(short) == pytest.approx(4 * n, rel=0.01)
+    assert flops_per_token(short.with_(method="full", quantization="none")) == pytest.approx(6 * n, rel=0.01)
+    assert flops_per_token(short.with_(gradient_checkpointing=True)) == pytest.approx(6 * n, rel=0.01)
+    assert flops_per_token(short.with_(seq_len=8192)) > 1.1 * flops_per_token(short)
+
+
+def test_throughput_comm_and_cost_arithmetic():
+    p = PlanInputs(LLAMA31_8B, seq_len=2048, micro_batch=2, grad_accum=4, max_steps=1000, num_gpus=8, zero_stage=2)
+    t = plan_time(p, peak_tflops=1000, utilization=0.5, bandwidth_gbps=800, price_per_gpu_hour=2.0)
+    assert t.compute_s == pytest.approx(flops_per_token(p) * 16384 / 5e14)
+    assert t.step_s == pytest.approx(t.compute_s + t.comm_s)  # no overlap_comm under ZeRO-2
+    assert t.gpu_hours == pytest.approx(t.step_s * 1000 / 3600 * 8) and t.cost == pytest.approx(2 * t.gpu_hours)
+    z3 = plan_time(p.with_(zero_stage=3), peak_tflops=1000, utilization=0.5, bandwidth_gbps=800, price_per_gpu_hour=2)
+    assert z3.comm_bytes_per_gpu > 10 * t.comm_bytes_per_gpu > 0
+    single = plan_time(p.with_(num_gpus=1), peak_tflops=1000, utilization=0.5, bandwidth_gbps=800, price_per_gpu_hour=2)
+    assert single.comm_bytes_per_gpu == 0
+
+
+# -- catalogue ---------------------------------------------------------------------------------
+def test_catalogue_lists_the_issue_gpus_with_sane_figures():
+    cat = load_catalogue()
+    for name in ("h100", "a100-80g", "a100-40g", "l4", "rtx4090", "cpu"):
+        assert name in cat.gpus
+    assert cat.default_gpu in cat.gpus
+    for spec in cat.gpus.values():
+        assert spec.bf16_tflops > 0 and spec.intra_node_gbps > 0 and spec.gpus_per_node >= 1
+        assert all(0 < u <= 1 for u in spec.utilization.values())
+        assert spec.memory_gib is None if spec.name == "cpu" else spec.memory_gib > 10
+    assert cat.gpus["h100"].memory_gib == pytest.approx(79.6) and cat.gpus["a100-40g"].memory_gib == 40
+
+
+# -- configs, verdicts, knobs ------------------------------------------------------------------
+def test_8b_preset_fits_on_8_h100():
+    plan = plan_for_config(load_config(PRESET_8B), gpus=8, gpu="h100")
+    assert plan.fits and not plan.knobs
+    line = verdict_line(plan)
+    assert line.startswith("plan: ") and "GiB/GPU of 79.6 GiB on 8x h100 - FITS; ~" in line and "$" in line
+
+
+def test_70b_bf16_lora_on_one_l4_does_not_fit_and_suggests_knobs(tmp_path):
+    cfg = load_config(PRESET_8B, ["model.quantization=none", "deepspeed.stage=2", "scaling.num_workers=1",
+                                  "model.gradient_checkpointing=false", "model.shape.hidden_size=8192",
+                                  "model.shape.intermediate_size=28672", "model.shape.num_hidden_layers=80",
+                                  "model.shape.num_attention_heads=64", "model.shape.vocab_size=32000",
+                                  "model.path=meta-llama/Llama-2-70b-hf"])
+    plan = plan_for_config(cfg, gpu="l4")
+    assert not plan.fits and "DOES NOT FIT" in verdict_line(plan)
+    suggested = [" ".join(k.overrides) for k in plan.knobs]
+    assert any("model.gradient_checkpointing=true" in s for s in suggested)
+    assert any(k.fits and "model.quantization=nf4" in " ".join(k.overrides) for k in plan.knobs)
+    assert any(k.fits and k.overrides[0].startswith("--gpus ") for k in plan.knobs)
+
+
+def test_tiny_cpu_preset_plans_in_cpu_mode():
+    plan = plan_for_config(load_config(TINY))
+    assert plan.inputs.cpu and plan.fits and plan.gpu.name == "cpu"
+    assert plan.inputs.arch.hidden == 128 and plan.inputs.arch.layers == 4
+    assert "cpu worker" in verdict_line(plan)
+
+
+def test_shape_from_a_local_config_json(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True}))
+    cfg = load_config(TINY, [f"model.path={tmp_path}"])
+    assert resolve_arch(cfg) == Arch(256, 688, 3, 4, 2, 1000, tie_embeddings=True)
+
+
+# -- bad input: one line, UserError (the CLI prints it and exits 2) ----------------------------
+def run_plan(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    return cmd_plan(parser.parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("argv,message", [
+    ((PRESET_8B, "--gpu", "h900"), "unknown GPU 'h900'; known: h100, h200, a100-80g"),
+    ((PRESET_8B, "--gpus", "0"), "--gpus must be at least 1, got 0"),
+    ((PRESET_8B, "--utilization", "1.5"), "--utilization must be in (0, 1], got 1.5"),
+    ((PRESET_8B, "model.shape=null", "model.path=some-org/some-model"),
+     "model shape unknown for some-org/some-model: give model.shape or a local path with config.json"),
+])
+def test_bad_input_is_one_line(argv, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(UserError) as err:
+        run_plan(*argv)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cmd_plan_prints_table_and_verdict(capsys):
+    assert run_plan(PRESET_8B, "--gpus", "8", "--gpu", "h100", "--price-per-gpu-hour", "2") == 0
+    out = capsys.readouterr().out
+    for text in ("Memory per GPU", "optimizer states", "activations", "Time and cost", "FITS", "tok/s/GPU"):
+        assert text in out
+
+
+def test_cli_exits_2_with_one_line(tmp_path):
+    """Through the real `lorapipe` entry point, once `plan` is wired into pipelines/cli.py."""
+    import subprocess
+
+    from pipelines import cli
+
+    if "plan" not in cli.build_parser().format_help():
+        pytest.skip("pipelines/cli.py has no plan subcommand yet")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())",
+                           "plan", PRESET_8B, "--gpu", "h900"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "unknown GPU 'h900'" in lines[0]
+
+
+def test_gpu_spec_is_case_insensitive():
+    assert gpu_spec("H100").name == "h100"
+    assert CUDA_CONTEXT_BYTES > 0
+
+
+def test_preflight_refuses_what_does_not_fit_unless_forced(monkeypatch, tmp_path):
+    from pipelines.plan import preflight
+
+    fits = load_config(PRESET_8B)
+    assert preflight(fits).endswith(verdict_line(plan_for_config(fits))[-20:])
+    big = load_config(PRESET_8B, ["scaling.num_workers=1", "model.quantization=none", "deepspeed.stage=2",
+                                  "train.micro_batch_size=64", "data.max_seq_len=8192"])
+    with pytest.raises(UserError, match="DOES NOT FIT.*--force"):
+        preflight(big)
+    assert "DOES NOT FIT" in preflight(big, force=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    unknown = load_config(PRESET_8B, ["model.shape=null", "model.path=some-org/some-model"])
+    assert preflight(unknown).startswith("plan: skipped (model shape unknown for some-org/some-model")
