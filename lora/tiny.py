@@ -1,4 +1,4 @@
-"""A tiny Llama built from a config and a tokenizer trained locally: a base model with no hub."""
+"""A tiny Llama built from a config and a word-level tokenizer trained locally: a base model with no hub."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -11,14 +11,15 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def train_char_tokenizer(texts: Iterable[str]):
-    """A character-level tokenizer trained on `texts` (every character seen becomes a token)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_word_tokenizer(texts: Iterable[str]):
+    """A word-level tokenizer trained on `texts`: every whitespace-separated word and every
+    punctuation mark seen becomes one token. Short sequences keep a tiny model fast on a CPU;
+    words outside the corpus map to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")

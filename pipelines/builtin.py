@@ -1,5 +1,5 @@
 """Embedded assets so the pipeline runs with no hub and no files: a demo instruction set generated
-by code, and a tiny Llama (built from config) with a character tokenizer trained on that set.
+by code, and a tiny Llama (built from config) with a word-level tokenizer trained on that set.
 
 `builtin:tiny-llama` and `builtin:demo-tasks` in a config are materialised once under
 $LORAPIPE_HOME (default ./.lorapipe) by the driver, before any worker starts.
@@ -31,7 +31,7 @@ TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
     "sort": ("Sort the letters.", lambda w: "".join(sorted(w))),
 }
 # The adapter learns a held-out task; the base is pretrained on the generic ones.
-ADAPTER_TASKS = ("reverse", "sort")
+ADAPTER_TASKS = ("last", "reverse", "sort")
 GENERIC_TASKS = tuple(t for t in TASKS if t not in ADAPTER_TASKS)
 
 
@@ -39,14 +39,19 @@ def home() -> Path:
     return Path(os.environ.get("LORAPIPE_HOME", ".lorapipe")).resolve()
 
 
-# A small alphabet and short words keep the tasks learnable by a ~1M-parameter model on a CPU in
-# minutes: every answer character is a lookup at a fixed offset from the response.
+# A small alphabet, short words and letters written apart (one token each) keep the tasks
+# learnable by a ~1M-parameter model on a CPU in minutes: every answer token is a lookup at a
+# fixed offset from the response.
 ALPHABET = "abcdefgh"
 WORD_LEN = 3
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
     return ["".join(rng.choice(ALPHABET) for _ in range(WORD_LEN)) for _ in range(n)]
+
+
+def spaced(word: str) -> str:
+    return " ".join(word)
 
 
 def demo_rows(task: Optional[str] = None, n: int = 2000, seed: int = 0) -> list[dict]:
@@ -64,15 +69,15 @@ def demo_rows(task: Optional[str] = None, n: int = 2000, seed: int = 0) -> list[
     for i, word in enumerate(_words(rng, n)):
         name = names[i % len(names)]
         instruction, fn = TASKS[name]
-        rows.append({"instruction": instruction, "input": word, "output": fn(word), "task": name})
+        rows.append({"instruction": instruction, "input": spaced(word), "output": spaced(fn(word)), "task": name})
     return rows
 
 
 def tokenizer_corpus() -> list[str]:
-    """Every character the demo data and the alpaca/chat templates can contain."""
+    """Every token the demo data and the alpaca/chat templates can contain."""
     from pipelines.prompts import ALPACA_TEMPLATE
 
-    texts = [string.ascii_letters + string.digits + string.punctuation + " \n"]
+    texts = [" ".join(string.ascii_letters + string.digits + string.punctuation)]
     texts += [instr for instr, _ in TASKS.values()]
     texts.append(ALPACA_TEMPLATE.format(instruction="", input="") + "<|system|><|user|><|assistant|>")
     return texts
@@ -94,11 +99,11 @@ def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def materialize_tiny_llama(root: Optional[Path] = None, seed: int = 0) -> Path:
-    """A random-init tiny Llama + char tokenizer saved in HF format (safetensors)."""
-    from lora.tiny import build_tiny_llama, train_char_tokenizer
+    """A random-init tiny Llama + word-level tokenizer saved in HF format (safetensors)."""
+    from lora.tiny import build_tiny_llama, train_word_tokenizer
 
     def build(out: Path) -> None:
-        tok = train_char_tokenizer(tokenizer_corpus())
+        tok = train_word_tokenizer(tokenizer_corpus())
         model = build_tiny_llama(len(tok), seed=seed, pad_token_id=tok.pad_token_id,
                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY_SHAPE)
         model.save_pretrained(str(out), safe_serialization=True)
@@ -128,6 +133,7 @@ def resolve_builtins(cfg):
     if cfg.data.path == DEMO_TASKS:
         n = cfg.data.max_examples or 2000
         cfg.data.path = str(materialize_demo_tasks(cfg.data.task, n, cfg.seed))
+        cfg.data.task = None  # the materialised file holds exactly that task's rows
     elif cfg.data.path.startswith("builtin:"):
         raise UserError(f"data.path={cfg.data.path!r} is not a builtin; the builtin dataset is {DEMO_TASKS}")
     elif cfg.data.task is not None:

@@ -49,6 +49,10 @@ def cmd_train(args) -> int:
     from pipelines.train import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        from pipelines.train import config_to_resume
+
+        cfg = config_to_resume(args.resume)
     run = train(cfg, progress=not args.no_progress)
     print_train_summary(run)
     return 0
@@ -158,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("validate", "check a config and print the resolved form", cmd_validate)
     t = with_config("train", "one Ray Train run -> run directory (+ MLflow run)", cmd_train)
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("--resume", metavar="STORAGE_PATH",
+                   help="continue an interrupted run from its latest checkpoint (e.g. runs/_ray/<run name>)")
 
     mg = sub.add_parser("merge", help="dequantize-then-merge a run's adapter -> HF safetensors model")
     mg.add_argument("run_dir")
@@ -212,6 +218,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipelines.errors import UserError
 
     args = build_parser().parse_args(argv)
+    if args.command not in ("validate", "plan", "jobs", "registry", "promote"):
+        # Model-loading commands: transformers' per-shard progress bars are noise next to ours.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.fn(args)
     except (UserError, LoraInputError) as e:

@@ -37,7 +37,7 @@ def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
     init = materialize_tiny_llama(seed=seed)
     tokenizer = load_tokenizer(str(init))
     data_path = materialize_demo_tasks("generic", 8000, seed + 1)
-    data = prepare_data(DataConfig(path=str(data_path), format="alpaca", max_seq_len=96), tokenizer, seed)
+    data = prepare_data(DataConfig(path=str(data_path), format="alpaca", max_seq_len=64), tokenizer, seed)
     model = load_base_model(str(init), dtype="fp32")
     model.requires_grad_(True).train()
     torch.manual_seed(seed)
@@ -123,16 +123,20 @@ def run_demo(workdir: str = ".demo", quick: bool = False) -> int:
     root.mkdir(parents=True, exist_ok=True)
     os.environ["LORAPIPE_HOME"] = str(root / "assets")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    torch.set_num_threads(os.cpu_count() or 1)
+    # One thread: tiny matrices gain little from more, and spinning OpenMP threads on a busy
+    # 2-core machine slow a step by orders of magnitude.
+    torch.set_num_threads(1)
 
     console.rule("[bold]1/4  base model: tiny Llama from config, tokenizer trained locally, brief pretraining")
     base = pretrain_base(root / "base", steps=120 if quick else 500)
     console.print(f"base model: {base}")
 
     console.rule("[bold]2/4  QLoRA adapter: 2 Ray workers, DeepSpeed ZeRO-2, 4-bit NF4 base")
+    steps = 40 if quick else 300
     cfg = load_config(PRESET, [f"model.path={base}", f"run.output_dir={root / 'runs'}", f"mlflow.tracking_uri={uri}",
-                               f"data.task={TASK}", f"train.max_steps={40 if quick else 200}",
-                               f"train.eval_every={20 if quick else 50}", f"train.checkpoint_every={40 if quick else 100}"])
+                               f"data.task={TASK}", "lora.r=16", "lora.alpha=32", "train.lr=5e-3",
+                               f"train.max_steps={steps}", f"train.eval_every={steps // 3}",
+                               f"train.checkpoint_every={steps // 2}", "train.report_every=10"])
     run = train(cfg)
 
     console.rule("[bold]3/4  before/after on held-out rows")

@@ -110,15 +110,16 @@ def resolve_arch(cfg) -> Arch:
 
 # -- config -> inputs -> plan ------------------------------------------------------------------
 def plan_inputs(cfg, arch: Arch, num_gpus: int, cpu: bool) -> PlanInputs:
-    m, t, ds = cfg.model, cfg.train, cfg.deepspeed
+    """Our workers run DeepSpeed with bf16/fp16 enabled for 16-bit models: precision "mixed"."""
+    m, t, ds, lora = cfg.model, cfg.train, cfg.deepspeed, cfg.lora
+    targets = lora.target_modules if lora.target_modules == "all-linear" else tuple(lora.target_modules)
     return PlanInputs(
         arch=arch, num_gpus=num_gpus, dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
-        lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout, use_dora=cfg.lora.use_dora,
-        lora_targets=cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else tuple(cfg.lora.target_modules),
-        precision="mixed", seq_len=cfg.data.max_seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum,
-        max_steps=t.max_steps, gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
-        zero_stage=ds.stage, offload_optimizer=ds.offload_optimizer != "none", offload_params=ds.offload_params != "none",
-        overlap_comm=ds.overlap_comm, cpu=cpu)
+        lora_r=lora.r, lora_dropout=lora.dropout, use_dora=lora.use_dora, lora_targets=targets, precision="mixed",
+        seq_len=cfg.data.max_seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps,
+        gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
+        zero_stage=ds.stage, offload_optimizer=ds.offload_optimizer != "none",
+        offload_params=ds.offload_params != "none", overlap_comm=ds.overlap_comm, cpu=cpu)
 
 
 def host_ram_bytes() -> float:
@@ -295,9 +296,11 @@ def render_plan(plan: Plan, console=None) -> None:
     rows = [("FLOPs per token", f"{t.flops_per_token / 1e9:,.1f} GFLOP"),
             ("tokens per step per " + plan.unit, f"{t.tokens_per_step_per_gpu:,}"),
             ("compute per step", f"{t.compute_s:,.2f} s at {t.utilization:.0%} of {plan.gpu.bf16_tflops:,g} TFLOP/s"),
-            ("communication per step", f"{t.comm_bytes_per_gpu / GiB:,.2f} GiB, {t.comm_s:,.2f} s at {t.bandwidth_gbps:,g} Gbit/s"),
+            ("communication per step",
+             f"{t.comm_bytes_per_gpu / GiB:,.2f} GiB, {t.comm_s:,.2f} s at {t.bandwidth_gbps:,g} Gbit/s"),
             ("step time", f"{t.step_s:,.2f} s"),
-            ("throughput", f"{t.tokens_per_s_per_gpu:,.0f} tok/s/{plan.unit}, {t.tokens_per_s_per_gpu * n:,.0f} tok/s total"),
+            ("throughput",
+             f"{t.tokens_per_s_per_gpu:,.0f} tok/s/{plan.unit}, {t.tokens_per_s_per_gpu * n:,.0f} tok/s total"),
             (f"{p.max_steps:,} steps", _hours(t.total_h)),
             ("GPU-hours" if not p.cpu else "worker-hours", f"{t.gpu_hours:,.1f}"),
             ("cost", f"${t.cost:,.2f}")]
@@ -326,7 +329,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", default=None, help="GPU kind from configs/gpus/catalogue.yaml (default: h100, "
                         "or cpu when scaling.use_gpu is false)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode: workers share this host's RAM, no CUDA overheads")
-    parser.add_argument("--utilization", type=float, default=None, help="achieved / peak FLOP/s (default: catalogue anchors)")
+    parser.add_argument("--utilization", type=float, default=None,
+                        help="achieved / peak FLOP/s (default: the catalogue's measured anchors)")
     parser.add_argument("--price-per-gpu-hour", type=float, default=None, help="USD per GPU-hour (default: catalogue)")
     parser.add_argument("--interconnect-gbps", type=float, default=None,
                         help="per-GPU link bandwidth for ZeRO collectives, Gbit/s (default: catalogue)")

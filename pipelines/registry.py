@@ -62,11 +62,13 @@ def metric_tags(metrics: dict, prefix: str = "lorapipe.metric.") -> dict[str, st
     return {f"{prefix}{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _find_versions(c, name: str, run_id: str, digest: str) -> list:
-    """Versions of `name` already registered from this exact run directory (idempotent register)."""
+def _find_versions(c, name: str, digest: str) -> list:
+    """Versions of `name` already registered from this exact adapter (idempotent register)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        found = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except Exception:
+        found = c.search_model_versions(f"name='{name}'")
+    except MlflowException:
         return []
     return [v for v in found if v.tags.get("lorapipe.adapter_sha256") == digest]
 
@@ -101,13 +103,13 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
     c = mlflow_client(uri)
     digest = run.digest_of("adapter/adapter_model.safetensors")
 
+    existing_a, existing_m = _find_versions(c, f"{name}-adapter", digest), _find_versions(c, f"{name}-merged", digest)
+    if existing_a and existing_m:
+        return Registered(name, existing_a[0].version, existing_m[0].version, existing_m[0].run_id, created=False)
     run_id = lineage.get("mlflow_run_id")
     if not _run_exists(c, run_id):
         run_id = start_run(uri, cfg.mlflow.experiment, run.path.name, cfg.model_dump(mode="json"),
                            {"lorapipe.registered_from": str(run.path)})
-    existing_a, existing_m = _find_versions(c, f"{name}-adapter", run_id, digest), _find_versions(c, f"{name}-merged", run_id, digest)
-    if existing_a and existing_m:
-        return Registered(name, existing_a[0].version, existing_m[0].version, run_id, created=False)
 
     with tempfile.TemporaryDirectory(prefix="lorapipe-merge-") as tmp:
         merged_dir = Path(tmp) / "merged"

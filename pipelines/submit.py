@@ -8,6 +8,7 @@ temporary copy, so relative outputs would vanish with it: see `durable_overrides
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import logging
 import os
@@ -309,14 +310,29 @@ node sees (NFS/PVC mount, or s3:// for run.storage_path), and MLflow a server.
 """
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """Lets options sit between CONFIG and the overrides (`submit cfg --address URL k=v`): plain
+    argparse fills a `nargs="*"` positional only up to the first option and rejects the rest."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def add_submit_commands(sub) -> None:
     """`lorapipe submit` and `lorapipe jobs ...` on the CLI's subparsers."""
-    import argparse
-
     from pipelines.jobs import ADDRESS_HELP, add_jobs_command
 
     sp = sub.add_parser("submit", help="run train/tune/pipeline as a Ray job on a cluster (Ray Jobs API)",
                         description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.__class__ = IntermixedParser  # add_parser has no per-parser class argument
     sp.add_argument("config", help="YAML config inside the project (see configs/)")
     sp.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.lr=1e-4")
     sp.add_argument("--address", help=ADDRESS_HELP)

@@ -146,6 +146,7 @@ def final_metrics(state: dict) -> dict:
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in history),
         "tokens": state["tokens"],
         "restarts": state.get("restarts", 0),
+        "resumed_from_step": state.get("resumed_from_step", []),
     }
 
 
@@ -189,6 +190,23 @@ def latest_complete_checkpoint(ray_run_path: Path) -> Optional[Path]:
 
     found = sorted(p for p in Path(ray_run_path).glob("checkpoint_*") if (p / COMPLETE_MARKER).is_file())
     return found[-1] if found else None
+
+
+def config_to_resume(path: str) -> RunConfig:
+    """The resolved config of an interrupted run, from its Ray storage directory (or its newest
+    complete checkpoint): resuming reuses its run name and storage, so Ray Train restores the
+    latest checkpoint (adapter, optimizer, scheduler, RNG, data position) instead of step 0."""
+    from pipelines.config_loader import config_from_yaml_text
+
+    p = Path(path).expanduser()
+    ckpt = p if (p / "trainer_state.json").is_file() else latest_complete_checkpoint(p)
+    if ckpt is None:
+        raise UserError(f"nothing to resume at {p}: no complete checkpoint_* directory there "
+                        "(give the run's storage directory, e.g. runs/_ray/<run name>)")
+    cfg = config_from_yaml_text((ckpt / "config.yaml").read_text())
+    if ckpt.parent.name != cfg.run.name:
+        raise UserError(f"{ckpt} belongs to run {ckpt.parent.name!r} but its config names {cfg.run.name!r}")
+    return cfg
 
 
 def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fingerprint: str, data_stats: dict,

@@ -60,16 +60,41 @@ def max_concurrent(cfg: RunConfig, section: TuneSection) -> int:
     return max(1, min(by_cpu, by_gpu))
 
 
-def build_search(section: TuneSection, seed: int):
+def default_point(cfg: RunConfig, section: TuneSection) -> Optional[dict]:
+    """The base config's own values as the first suggestion, so a search never ends worse than
+    not searching; None when a base value lies outside its searched domain."""
+    from pipelines.tune_config import ALPHA_RATIO
+
+    point = {}
+    data = cfg.model_dump(mode="json")
+    for key, dist in section.space.items():
+        if key == ALPHA_RATIO:
+            value: Any = cfg.lora.alpha / cfg.lora.r
+        else:
+            value = data
+            for part in key.split("."):
+                value = value[part]
+        inside = (value in dist.choice) if dist.choice is not None else \
+            (getattr(dist, dist.kind)[0] <= value <= getattr(dist, dist.kind)[1])
+        if not inside:
+            return None
+        point[key] = ENCODED + json.dumps(value) if isinstance(value, (list, dict)) else value
+    return point
+
+
+def build_search(cfg: RunConfig, section: TuneSection):
     if section.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=section.metric, mode=section.mode, sampler=optuna.samplers.TPESampler(seed=seed))
+        start = default_point(cfg, section)
+        return OptunaSearch(points_to_evaluate=[start] if start else None,
+                            sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     if section.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)
+        start = default_point(cfg, section)
+        return BasicVariantGenerator(random_state=cfg.seed, points_to_evaluate=[start] if start else None)
     return None  # grid: Tune's default generator expands grid_search
 
 
@@ -78,7 +103,7 @@ def build_scheduler(cfg: RunConfig, section: TuneSection):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", metric=section.metric, mode=section.mode, max_t=cfg.train.max_steps,
+    return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
                          grace_period=section.asha.grace_period, reduction_factor=section.asha.reduction_factor)
 
 
@@ -187,7 +212,7 @@ def tune(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> Sear
     base = cfg.model_dump(mode="json")
     trainable = rt.with_resources(
         rt.with_parameters(trial_fn, base=base, experiment_dir=str(out_dir), parent_run_id=parent),
-        {"CPU": 0})  # a trial's driver only waits; its Train workers hold the resources
+        {"CPU": 0, "memory": 1})  # a trial's driver only waits; its Train workers hold the CPUs
     if resume:
         if not rt.Tuner.can_restore(exp_path):
             raise UserError(f"nothing to resume at {exp_path}")
@@ -197,7 +222,7 @@ def tune(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> Sear
         tuner = rt.Tuner(
             trainable,
             param_space=encode_space(to_ray_space(section)),
-            tune_config=rt.TuneConfig(search_alg=build_search(section, cfg.seed), scheduler=build_scheduler(cfg, section),
+            tune_config=rt.TuneConfig(search_alg=build_search(cfg, section), scheduler=build_scheduler(cfg, section),
                                       num_samples=section.num_samples, metric=section.metric, mode=section.mode,
                                       max_concurrent_trials=max_concurrent(cfg, section)),
             run_config=rt.RunConfig(name=name, storage_path=storage, verbose=1 if progress else 0),

@@ -39,6 +39,7 @@ class TrainerState:
     train_seconds: float = 0.0     # time inside forward/backward/step, all windows
     history: list = field(default_factory=list)
     restarts: int = 0
+    resumed_from_step: list = field(default_factory=list)  # one entry per restart
 
 
 def seed_everything(seed: int) -> None:
@@ -158,6 +159,7 @@ def restore(engine, rank: int) -> TrainerState:
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))
     state.restarts += 1
+    state.resumed_from_step.append(state.step)
     return state
 
 

@@ -80,17 +80,17 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """The character tokenizer the builtin model uses (with the tiny chat template).
-    Session-scoped: do not mutate it; build your own with lora.tiny.train_char_tokenizer."""
-    from lora.tiny import train_char_tokenizer
+    """The word-level tokenizer the builtin model uses (with the tiny chat template).
+    Session-scoped: do not mutate it; build your own with lora.tiny.train_word_tokenizer."""
+    from lora.tiny import train_word_tokenizer
     from pipelines.builtin import tokenizer_corpus
 
-    return train_char_tokenizer(tokenizer_corpus())
+    return train_word_tokenizer(tokenizer_corpus())
 
 
 @pytest.fixture(scope="session")
 def small_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A random-init Llama (hidden 64, 2 layers) + the char tokenizer, saved in HF format."""
+    """A random-init Llama (hidden 64, 2 layers) + the word tokenizer, saved in HF format."""
     from lora.tiny import build_tiny_llama
 
     out = tmp_path_factory.mktemp("small-llama")

@@ -1,4 +1,4 @@
-"""Integration fixtures: one real local Ray for the session, a per-test sqlite MLflow store."""
+"""Integration fixtures: a real local Ray per module (multi-node tests start their own cluster), a per-test sqlite MLflow store."""
 from __future__ import annotations
 
 import os
@@ -6,13 +6,13 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # 2 cores here: logical over-subscription lets a driver/trial and two 1-CPU workers coexist.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

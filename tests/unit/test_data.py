@@ -1,6 +1,8 @@
 """pipelines/data.py: response-only labels (alpaca, chat), text, truncation, packing, a seeded
 split, worker shards, position-addressable micro batches, rank-equal eval batches, and one-line
-errors for bad files and rows. The character tokenizer makes token counts easy to reason about."""
+errors for bad files and rows. The word tokenizer makes token counts easy to reason about: texts here
+are space-separated single letters, digits and punctuation marks (one token each) plus the template
+and instruction words in its vocabulary, so a text's expected tokens are its whitespace-split words."""
 from __future__ import annotations
 
 import json
@@ -46,12 +48,25 @@ def n_tokens(tok, text: str) -> int:
     return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def tokens(tok, ids) -> list[str]:
+    """The token strings of `ids`; none may be <unk> (every test text is in the vocabulary)."""
+    out = tok.convert_ids_to_tokens(list(ids))
+    assert tok.unk_token not in out, out
+    return out
+
+
+def words(text: str) -> list[str]:
+    """The expected tokens of a text written as space-separated single-token words."""
+    return text.split()
+
+
 def alpaca_rows(n: int, *, start: int = 0) -> list[dict]:
     """Distinct rows (so that shards and splits can be compared by content)."""
     rows = []
     for i in range(start, start + n):
-        word = "".join("abcdefghij"[int(c)] for c in str(i))
-        rows.append({"instruction": "Repeat the word.", "input": word, "output": word * (1 + i % 3)})
+        letters = ["abcdefghij"[int(c)] for c in str(i)]
+        rows.append({"instruction": "Repeat the word.", "input": " ".join(letters),
+                     "output": " ".join(letters * (1 + i % 3))})
     return rows
 
 
@@ -63,9 +78,9 @@ def ids_of(ds) -> list[tuple[int, ...]]:
 def test_alpaca_labels_only_the_response(tiny_tokenizer, write_jsonl):
     tok = tiny_tokenizer
     rows = [
-        {"instruction": "Reverse the word.", "input": "abc", "output": "cba"},
-        {"instruction": "Say hi.", "output": "hi there"},  # no input: the shorter template
-        {"instruction": "Count the letters.", "input": "", "output": "0"},
+        {"instruction": "Reverse the word.", "input": "a b c", "output": "c b a"},
+        {"instruction": "Give the first letter.", "output": "h i , t h e r e !"},  # no input: the shorter template
+        {"instruction": "Sort the letters.", "input": "", "output": "0"},
     ]
     path = write_jsonl(rows)
     ds = tokenize_dataset(load_raw_dataset(cfg(path)), cfg(path), tok)
@@ -74,11 +89,12 @@ def test_alpaca_labels_only_the_response(tiny_tokenizer, write_jsonl):
         prompt = alpaca_prompt(row["instruction"], row.get("input", ""))
         n_prompt = n_tokens(tok, prompt)
         ids, labels = enc["input_ids"], enc["labels"]
-        assert len(ids) == len(labels) == n_prompt + n_tokens(tok, row["output"]) + 1
+        assert len(ids) == len(labels) == n_prompt + len(words(row["output"])) + 1
         assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
         assert labels[n_prompt:] == ids[n_prompt:]
-        assert tok.decode(labelled(labels)) == row["output"] + tok.eos_token
-        assert tok.decode(ids) == prompt + row["output"] + tok.eos_token
+        assert tokens(tok, labelled(labels)) == words(row["output"]) + [tok.eos_token]
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert tokens(tok, ids) == tokens(tok, prompt_ids) + words(row["output"]) + [tok.eos_token]
         assert ids[-1] == tok.eos_token_id
 
 
@@ -93,27 +109,28 @@ def test_alpaca_train_on_prompt_labels_everything(tiny_tokenizer, write_jsonl):
 
 # --------------------------------------------------------------------------- chat
 CHAT_ROW = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "yo"},
-    {"role": "user", "content": "again, please"},
-    {"role": "assistant", "content": "ok then"},
+    {"role": "system", "content": "B e b r i e f ."},
+    {"role": "user", "content": "h i"},
+    {"role": "assistant", "content": "y o"},
+    {"role": "user", "content": "a g a i n , p l e a s e"},
+    {"role": "assistant", "content": "o k t h e n"},
 ]}
 
 
 def test_chat_labels_only_assistant_turns(tiny_tokenizer, write_jsonl):
     tok = tiny_tokenizer
-    single = {"messages": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"}]}
+    single = {"messages": [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "c b a"}]}
     path = write_jsonl([CHAT_ROW, single])
     data = cfg(path, format="chat")
     ds = tokenize_dataset(load_raw_dataset(data), data, tok)
     for row, enc in zip([CHAT_ROW, single], ds):
         assistant = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         runs = label_runs(enc["labels"])
-        assert [tok.decode(r) for r in runs] == [c + tok.eos_token for c in assistant]
-        assert tok.decode(enc["input_ids"]) == tok.apply_chat_template(row["messages"], tokenize=False)
+        assert [tokens(tok, r) for r in runs] == [words(c) + [tok.eos_token] for c in assistant]
+        rendered = tok.apply_chat_template(row["messages"], tokenize=False)
+        assert tokens(tok, enc["input_ids"]) == tokens(tok, tok(rendered, add_special_tokens=False)["input_ids"])
         # Everything else (system, user, role markers) is masked.
-        n_labelled = sum(n_tokens(tok, c) + 1 for c in assistant)
+        n_labelled = sum(len(words(c)) + 1 for c in assistant)
         assert len(labelled(enc["labels"])) == n_labelled
         assert enc["labels"].count(IGNORE_INDEX) == len(enc["input_ids"]) - n_labelled
 
@@ -151,10 +168,10 @@ def test_chat_malformed_rows_name_the_row(tiny_tokenizer, write_jsonl, row, word
 
 
 def test_chat_needs_a_chat_template(write_jsonl):
-    from lora.tiny import train_char_tokenizer
+    from lora.tiny import train_word_tokenizer
     from pipelines.builtin import tokenizer_corpus
 
-    tok = train_char_tokenizer(tokenizer_corpus())
+    tok = train_word_tokenizer(tokenizer_corpus())
     tok.chat_template = None
     path = write_jsonl([CHAT_ROW, CHAT_ROW])
     with pytest.raises(UserError, match="chat template"):
@@ -164,13 +181,13 @@ def test_chat_needs_a_chat_template(write_jsonl):
 # --------------------------------------------------------------------------- text
 def test_text_format_labels_every_token(tiny_tokenizer, write_jsonl):
     tok = tiny_tokenizer
-    rows = [{"body": "The quick brown fox."}, {"body": "jumps over"}]
+    rows = [{"body": "T h e q u i c k b r o w n f o x ."}, {"body": "j u m p s o v e r"}]
     path = write_jsonl(rows)
     data = cfg(path, format="text", text_field="body")
     ds = tokenize_dataset(load_raw_dataset(data), data, tok)
     for row, enc in zip(rows, ds):
         assert enc["labels"] == enc["input_ids"]
-        assert tok.decode(enc["input_ids"]) == row["body"] + tok.eos_token
+        assert tokens(tok, enc["input_ids"]) == words(row["body"]) + [tok.eos_token]
 
 
 def test_text_format_missing_field_names_the_row(tiny_tokenizer, write_jsonl):
@@ -184,11 +201,13 @@ def test_text_format_missing_field_names_the_row(tiny_tokenizer, write_jsonl):
 # --------------------------------------------------------------------------- truncation
 def test_truncation_counts_rows_and_drops_rows_without_labels(tiny_tokenizer, write_jsonl):
     tok = tiny_tokenizer
-    prompt = alpaca_prompt("Repeat the word.", "abc")
+    prompt = alpaca_prompt("Repeat the word.", "a b c")
     max_len = n_tokens(tok, prompt) + 3
-    fits = {"instruction": "Repeat the word.", "input": "abc", "output": "ab"}             # exactly max_len
-    cut = {"instruction": "Repeat the word.", "input": "abc", "output": "abcdefgh"}        # keeps 'abc'
-    no_label = {"instruction": "Repeat the word, very carefully.", "input": "abc", "output": "abc"}  # prompt > max
+    fits = {"instruction": "Repeat the word.", "input": "a b c", "output": "a b"}                # exactly max_len
+    cut = {"instruction": "Repeat the word.", "input": "a b c", "output": "a b c d e f g h"}     # keeps 'a b c'
+    no_label = {"instruction": "Repeat the word, the first letter, the last letter.", "input": "a b c",
+                "output": "a b c"}                                                              # prompt > max
+    assert n_tokens(tok, alpaca_prompt(no_label["instruction"], no_label["input"])) > max_len
     rows = [fits] * 4 + [cut] * 4 + [no_label] * 2
     path = write_jsonl(rows)
     prepared = prepare_data(cfg(path, max_seq_len=max_len, eval_fraction=0.25), tok, seed=0)
@@ -196,8 +215,8 @@ def test_truncation_counts_rows_and_drops_rows_without_labels(tiny_tokenizer, wr
                               "train_examples": 6, "eval_examples": 2}
     kept = list(prepared.train) + list(prepared.eval)
     assert all(len(r["input_ids"]) == max_len for r in kept)
-    decoded = sorted(tok.decode(labelled(r["labels"])) for r in kept)
-    assert decoded == sorted(["ab" + tok.eos_token] * 4 + ["abc"] * 4)
+    kept_labels = sorted(tokens(tok, labelled(r["labels"])) for r in kept)
+    assert kept_labels == sorted([["a", "b", tok.eos_token]] * 4 + [["a", "b", "c"]] * 4)
 
 
 def test_everything_truncated_away_is_a_user_error(tiny_tokenizer, write_jsonl):

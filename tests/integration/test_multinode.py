@@ -1,0 +1,141 @@
+"""Training spread over several Ray nodes: a head with no CPUs and two 1-CPU worker nodes
+(ray.cluster_utils.Cluster), STRICT_SPREAD so each training worker is on its own node, checkpoints
+in run.storage_path (a path every node sees), the run directory somewhere else.
+
+The cluster runs in a child process (this file, run as a script): the pytest process may already
+hold a session Ray (tests/integration/conftest.py), and one process can connect to one cluster."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_on_three_nodes(tmp: Path) -> dict:
+    """Child process: start the cluster, train, report where the workers ran; always shut down."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from pipelines.config_loader import load_config
+    from pipelines.train import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
+        "dashboard_agent_listen_port": _free_port(), "node_ip_address": "127.0.0.1"})
+    try:
+        workers = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
+            "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.placement_strategy=STRICT_SPREAD",
+            f"run.storage_path={tmp / 'shared'}", f"run.output_dir={tmp / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "data.max_examples=120", "train.max_steps=6",
+            "train.eval_every=3", "train.checkpoint_every=3", "train.report_every=3", "train.warmup_steps=0"])
+        run = train(cfg, progress=False)
+        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+        return {"run_dir": str(run.path), "train_worker_nodes": sorted(a.node_id for a in actors),
+                "worker_nodes": sorted(n.node_id for n in workers), "head_node": cluster.head_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _session_pids(session: int) -> list[int]:
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(entry)) == session:
+                pids.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+def _kill_session(session: int) -> None:
+    """Safety net if the child died without shutting its cluster down: its Ray processes share its session."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_pids(session):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while _session_pids(session) and time.time() < deadline:
+            time.sleep(0.5)
+
+
+def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(tmp_path):
+    from peft import PeftModel
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.rundir import RunDir
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lpmn-"))  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    # Own temp dir: Cluster() writes its address file there, not where other local `ray.init()`s look.
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_TRAIN_V2_ENABLED="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    out = tmp_path / "result.json"
+    t0 = time.time()
+    child = subprocess.Popen([sys.executable, __file__, str(tmp_path), str(out)], cwd=REPO, env=env,
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = child.communicate(timeout=480)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        _kill_session(child.pid)
+        left = _session_pids(child.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, f"Ray processes left behind: {left}"
+    assert child.returncode == 0 and out.is_file(), log[-5000:]
+    print(f"three-node training: {time.time() - t0:.0f}s")
+    result = json.loads(out.read_text())
+
+    # One training worker on each worker node; none on the CPU-less head.
+    assert len(result["train_worker_nodes"]) == 2 and len(set(result["train_worker_nodes"])) == 2
+    assert result["train_worker_nodes"] == result["worker_nodes"]
+    assert result["head_node"] not in result["train_worker_nodes"]
+
+    # Both ranks wrote their part of each checkpoint into the shared storage path.
+    run = RunDir.open(result["run_dir"])
+    assert run.path.parent == tmp_path / "runs"
+    lineage = run.lineage()
+    ckpt = Path(lineage["checkpoint"])
+    assert ckpt.is_relative_to(tmp_path / "shared") and (ckpt / "COMPLETE").is_file()
+    assert {p.name for p in ckpt.glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+    assert run.metrics()["train_steps"] == 6
+
+    # The adapter loads with stock PEFT onto the base and changes its output.
+    cfg = run.config()
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    ids = torch.arange(5, 25).unsqueeze(0)
+    before = base(ids).logits
+    after = PeftModel.from_pretrained(base, str(run.adapter))(ids).logits
+    assert not torch.allclose(before, after)
+
+
+if __name__ == "__main__":
+    Path(sys.argv[2]).write_text(json.dumps(run_on_three_nodes(Path(sys.argv[1]))))
