@@ -102,7 +102,7 @@ def bare_run(cfg, batches: list, warmup: int) -> dict:
     steady = slice(warmup, None)
     out = {"tokens_per_s": sum(tokens[steady]) / sum(times[steady]),
            "tokens_per_s_all_steps": sum(tokens) / sum(times),
-           "step_s": spread(times[steady]), "first_step_s": times[0], "final_loss": float(loss)}
+           "step_s": spread(times[steady]), "first_step_s": times[0], "final_loss": float(loss.detach())}
     del model, opt, params
     gc.collect()
     return out

@@ -59,6 +59,7 @@ def save_bf16_llama(out: Path, shape: dict) -> Path:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
+    model.tie_weights()  # to_empty gave lm_head its own storage; tied, only the embedding is saved
     model.save_pretrained(str(out), safe_serialization=True)
     return out
 

@@ -18,6 +18,7 @@ def _quiet_libraries() -> None:
     # Bound MLflow's own HTTP retries (its default backs off for minutes); ours are bounded too.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no sqlite migration chatter on stderr
 
 
 def _has_cuda() -> bool:
@@ -30,6 +31,22 @@ def _has_cuda() -> bool:
         return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """Lets options sit between CONFIG and the overrides (`train cfg k=v --no-progress k2=v2`):
+    plain argparse fills a `nargs="*"` positional only up to the first option and rejects the rest."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def cmd_validate(args) -> int:
@@ -48,11 +65,14 @@ def cmd_train(args) -> int:
     from pipelines.report import print_train_summary
     from pipelines.train import train
 
+    from pipelines.plan import preflight as plan_verdict
+
     cfg = load_config(args.config, args.overrides)
     if args.resume:
         from pipelines.train import config_to_resume
 
         cfg = config_to_resume(args.resume)
+    print(plan_verdict(cfg, force=args.force))  # refuses a plan that does not fit unless --force
     run = train(cfg, progress=not args.no_progress)
     print_train_summary(run)
     return 0
@@ -154,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, help: str, fn: Callable) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
+        sp.__class__ = IntermixedParser  # add_parser has no per-parser class argument
         sp.add_argument("config", help="YAML config (see configs/)")
         sp.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.lr=1e-4")
         sp.set_defaults(fn=fn)
@@ -162,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("validate", "check a config and print the resolved form", cmd_validate)
     t = with_config("train", "one Ray Train run -> run directory (+ MLflow run)", cmd_train)
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says it does not fit")
     t.add_argument("--resume", metavar="STORAGE_PATH",
                    help="continue an interrupted run from its latest checkpoint (e.g. runs/_ray/<run name>)")
 
@@ -200,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--no-progress", action="store_true")
     pl = with_config("pipeline", "tune (if configured) -> train best -> register -> promote", cmd_pipeline)
     pl.add_argument("--no-progress", action="store_true")
+
+    from pipelines.plan import add_plan_arguments, cmd_plan
+
+    pn = sub.add_parser("plan", help="predict memory per GPU, step time and cost from the config alone")
+    pn.__class__ = IntermixedParser
+    add_plan_arguments(pn)
+    pn.set_defaults(fn=cmd_plan)
 
     from pipelines.submit import add_submit_commands
 

@@ -90,7 +90,7 @@ def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> 
     key = ".".join(loc) or "(root)"
     if first["type"] == "extra_forbidden":
         valid = fields_at(schema, loc[:-1])
-        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        near = nearest_key(loc[-1], valid)
         hint = f"; did you mean {'.'.join(loc[:-1] + near)!r}?" if near else f"; valid keys: {', '.join(valid)}"
         return f"unknown key {key!r}{hint}"
     if first["type"] == "missing":
@@ -99,6 +99,15 @@ def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> 
     if "input" in first and first["type"] != "value_error" and loc:
         return f"{key}={first['input']!r}: {msg}"
     return f"{key}: {msg}" if loc else msg
+
+
+def nearest_key(bad: str, valid: list[str]) -> list[str]:
+    """The valid key a typo most likely meant: a close spelling, else a shared prefix (rank -> r)."""
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
+    if close:
+        return close
+    prefixed = [v for v in valid if bad.startswith(v) or v.startswith(bad)]
+    return sorted(prefixed, key=len, reverse=True)[:1]
 
 
 def fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:

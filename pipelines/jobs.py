@@ -50,7 +50,8 @@ def is_loopback(address: str) -> bool:
 
 def _auth_message(address: str, err: Exception) -> str:
     if "Authentication failed" in str(err):  # 403: a token was sent and refused
-        return f"the cluster at {address} refused the token (RAY_AUTH_TOKEN / ~/.ray/auth_token): wrong token for this cluster"
+        return (f"the cluster at {address} refused the token (RAY_AUTH_TOKEN / ~/.ray/auth_token): "
+                "wrong token for this cluster")
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         return (f"the cluster at {address} needs a token and none was found: set RAY_AUTH_TOKEN, "
                 "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
@@ -110,12 +111,19 @@ def head_is_this_machine(address: str) -> bool:
 
 def follow_logs(client, address: str, job_id: str) -> int:
     """Stream a job's logs until it ends; exit status 0 if it SUCCEEDED, else 1."""
+    import aiohttp
+
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
     with cluster_errors(address, job_id):
-        asyncio.run(tail())
+        client.get_job_info(job_id)  # an unknown id: one line here, not a websocket handshake error
+        try:
+            asyncio.run(tail())
+        except aiohttp.ClientError as e:
+            raise UserError(f"lost the log stream of job {job_id} ({type(e).__name__}); "
+                            f"`lorapipe jobs logs {job_id} --follow --address {address}` picks it up again") from None
         info = client.get_job_info(job_id)
         while str(info.status) not in TERMINAL:  # the log stream can close a moment before the status moves
             time.sleep(1)

@@ -4,7 +4,7 @@ submit `lorapipe <command> <config> <overrides>` to a Ray cluster through the Ra
 What goes to the cluster is explicit: the project tree minus PACKAGE_EXCLUDES (and .gitignore,
 .rayignore, .git/info/exclude), the environment variables in FORWARDED_ENV that are set here (by
 name; values are never printed), and metadata without secrets. A job's working_dir is a
-temporary copy, so relative outputs would vanish with it: see `durable_overrides`.
+temporary copy, so relative outputs would vanish with it: see `durable_placement`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -192,13 +193,15 @@ def entrypoint(command: str, config_rel: str, overrides: list[str]) -> str:
 
 
 def effective_settings(config: str, overrides: list[str], cfg=None) -> dict:
-    """name, output/storage paths and MLflow settings after overrides: from the validated config, or
-    (with --no-validate, where it may not validate) from the YAML with the schema's defaults."""
+    """name, output/storage paths, MLflow settings and whether builtin: assets are used, after the
+    overrides: from the validated config, or (with --no-validate, where it may not validate) from
+    the YAML with the schema's defaults."""
     from pipelines.config import MlflowSection, RunConfig, RunSection
     from pipelines.config_loader import apply_overrides, read_yaml
 
     if cfg is not None:
         run, mlflow, name = cfg.run.model_dump(), cfg.mlflow.model_dump(), cfg.name
+        paths = [cfg.model.path, cfg.data.path]
     else:
         try:
             data = apply_overrides(read_yaml(config), overrides)
@@ -208,39 +211,57 @@ def effective_settings(config: str, overrides: list[str], cfg=None) -> dict:
         run = {k: section("run").get(k, f.default) for k, f in RunSection.model_fields.items()}
         mlflow = {k: section("mlflow").get(k, f.default) for k, f in MlflowSection.model_fields.items()}
         name = data.get("name") or RunConfig.model_fields["name"].default
+        paths = [str(section("model").get("path", "")), str(section("data").get("path", ""))]
     return {"name": str(name), "output_dir": str(run["output_dir"]), "storage_path": run["storage_path"],
-            "tracking_uri": mlflow["tracking_uri"], "mlflow_enabled": mlflow["enabled"] is not False}
+            "tracking_uri": mlflow["tracking_uri"], "mlflow_enabled": mlflow["enabled"] is not False,
+            "builtin": any(p.startswith("builtin:") for p in paths)}
 
 
-def durable_overrides(settings: dict, root: Path, local: bool, environ: dict) -> tuple[list[str], list[str]]:
-    """(extra overrides, warnings). Inside a job, relative paths resolve in Ray's temporary copy of
-    the project. On a cluster whose head is this machine, relative outputs and the default sqlite
-    MLflow store are pinned to this project; elsewhere only shared storage survives (PITFALLS 6)."""
-    extra, warnings = [], []
+@dataclass
+class Placement:
+    """Where a job's outputs go: overrides and environment added to the job, warnings to print."""
+
+    overrides: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def durable_placement(settings: dict, root: Path, local: bool, environ: dict) -> Placement:
+    """Inside a job, relative paths resolve in Ray's temporary copy of the project. On a cluster
+    whose head is this machine, relative outputs, the default sqlite MLflow store and the builtin
+    assets ($LORAPIPE_HOME, which later stages read the base model from) are pinned to this
+    project; elsewhere the config is left as is and only shared storage survives (PITFALLS 6)."""
     out, storage, uri = settings["output_dir"], settings["storage_path"], settings["tracking_uri"]
     mlflow_default = settings["mlflow_enabled"] and not uri and not environ.get("MLFLOW_TRACKING_URI")
+    place = Placement()
     if local:
         if not Path(out).expanduser().is_absolute():
-            extra.append(f"run.output_dir={root / out}")
+            place.overrides.append(f"run.output_dir={root / out}")
         if storage and "://" not in storage and not Path(storage).expanduser().is_absolute():
-            extra.append(f"run.storage_path={root / storage}")
+            place.overrides.append(f"run.storage_path={root / storage}")
         if mlflow_default:
-            extra.append(f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}")
+            place.overrides.append(f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}")
         elif uri and uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
-            extra.append(f"mlflow.tracking_uri=sqlite:///{root / uri[len('sqlite:///'):]}")
-        return extra, warnings
+            place.overrides.append(f"mlflow.tracking_uri=sqlite:///{root / uri[len('sqlite:///'):]}")
+        if settings["builtin"]:
+            place.env["LORAPIPE_HOME"] = str(Path(environ.get("LORAPIPE_HOME") or root / ".lorapipe").resolve())
+        return place
     where = f"run.output_dir={out}, run.storage_path={storage or out + '/_ray'}"
     if not Path(out).is_absolute():
-        warnings.append(f"warning: {where}: relative paths land in the job's temporary copy of the project and "
-                        "are deleted with it; pass run.output_dir= (and run.storage_path=) on shared storage "
-                        "every node and you can reach (NFS/PVC mount, or s3:// for storage_path)")
+        place.warnings.append(f"warning: {where}: relative paths land in the job's temporary copy of the project "
+                              "and are deleted with it; pass run.output_dir= (and run.storage_path=) on shared "
+                              "storage every node and you can reach (NFS/PVC mount, or s3:// for storage_path)")
     else:
-        warnings.append(f"warning: {where}: on a multi-node cluster these must be shared storage every node sees "
-                        "(NFS/PVC mount, or s3:// for storage_path), not a node's local disk")
+        place.warnings.append(f"warning: {where}: on a multi-node cluster these must be shared storage every node "
+                              "sees (NFS/PVC mount, or s3:// for storage_path), not a node's local disk")
     if mlflow_default:
-        warnings.append("warning: no MLFLOW_TRACKING_URI here and no mlflow.tracking_uri: the job would log to a "
-                        "sqlite file in its temporary working dir; point it at an MLflow server")
-    return extra, warnings
+        place.warnings.append("warning: no MLFLOW_TRACKING_URI here and no mlflow.tracking_uri: the job would log "
+                              "to a sqlite file in its temporary working dir; point it at an MLflow server")
+    if settings["builtin"] and not environ.get("LORAPIPE_HOME"):
+        place.warnings.append("warning: builtin: assets would be built in the job's temporary working dir and the "
+                              "run would point at a base model that is later deleted; set LORAPIPE_HOME to "
+                              "shared storage")
+    return place
 
 
 def cmd_submit(args) -> int:
@@ -256,6 +277,8 @@ def cmd_submit(args) -> int:
         from pipelines.config_loader import load_config
 
         cfg = load_config(args.config, args.overrides)  # a bad config stops here: nothing is submitted
+        if args.command == "tune" and not cfg.tune:
+            raise UserError(f"{args.config} has no tune: section, so --command tune has nothing to search")
     excludes = package_excludes(root, tuple(args.exclude))
     files = packaged_files(root, excludes)
     size = check_package_size(files, root, package_limit_bytes())
@@ -266,10 +289,11 @@ def cmd_submit(args) -> int:
     client = connect(args.address)
     address = client.get_address()
     settings = effective_settings(args.config, args.overrides, cfg)
-    extra, warnings = durable_overrides(settings, root, head_is_this_machine(address), os.environ)
-    for line in warnings:
+    place = durable_placement(settings, root, head_is_this_machine(address), os.environ)
+    for line in place.warnings:
         print(line, file=sys.stderr)
-    overrides = [*args.overrides, *extra]
+    overrides = [*args.overrides, *place.overrides]
+    env_vars.update(place.env)
     out_dir = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.output_dir=")),
                    settings["output_dir"])
     commit = git_commit(root)
@@ -277,8 +301,9 @@ def cmd_submit(args) -> int:
         env_vars.setdefault("LORAPIPE_GIT_COMMIT", commit)
     command = entrypoint(args.command, config_rel, overrides)
     print(f"packaging {root}: {len(files)} files, {size / 2**20:.1f} MiB")
-    if extra:
-        print("cluster head is this machine; outputs kept here: " + " ".join(extra))
+    if place.overrides or place.env:
+        print("cluster head is this machine; outputs kept in this project: "
+              + " ".join([*place.overrides, *(f"{k}={v}" for k, v in place.env.items())]))
     print("forwarding environment: " + (", ".join(sorted(env_vars)) or "(none)"))
     with cluster_errors(address):
         job_id = client.submit_job(
@@ -301,33 +326,21 @@ LORAPIPE_HOME, TRANSFORMERS_VERBOSITY and every --env NAME are passed to the job
 names are printed, never their values. Token auth: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN (or
 RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token).
 
-Outputs: inside a job, relative paths resolve in a temporary copy of the project. When the
-cluster's head is this machine, a relative run.output_dir (and run.storage_path) is pinned to
-this project (<project>/runs by default) and MLflow, unless MLFLOW_TRACKING_URI or
-mlflow.tracking_uri is set, to sqlite:///<project>/mlflow.db. On any other cluster the config is
-left as is and a warning says so: run.output_dir and run.storage_path must be shared storage every
-node sees (NFS/PVC mount, or s3:// for run.storage_path), and MLflow a server.
+Outputs: inside a job, relative paths resolve in a temporary copy of the project that Ray
+deletes later. When the cluster's head is this machine (a 127.0.0.1/localhost address whose head
+node has one of this machine's IPs; a tunnel or port-forward to a remote cluster does not count),
+submit adds overrides so that a relative run.output_dir (and run.storage_path) lands in this
+project (<project>/runs by default), MLflow, unless MLFLOW_TRACKING_URI or mlflow.tracking_uri is
+set, in sqlite:///<project>/mlflow.db, and builtin: assets in $LORAPIPE_HOME (default
+<project>/.lorapipe). On any other cluster the config is left as is and a warning says so:
+run.output_dir and run.storage_path must be shared storage every node sees (NFS/PVC mount, or
+s3:// for run.storage_path), MLflow a server, and LORAPIPE_HOME shared storage.
 """
-
-
-class IntermixedParser(argparse.ArgumentParser):
-    """Lets options sit between CONFIG and the overrides (`submit cfg --address URL k=v`): plain
-    argparse fills a `nargs="*"` positional only up to the first option and rejects the rest."""
-
-    _intermixing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._intermixing:  # parse_known_intermixed_args calls back in here
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
 
 
 def add_submit_commands(sub) -> None:
     """`lorapipe submit` and `lorapipe jobs ...` on the CLI's subparsers."""
+    from pipelines.cli import IntermixedParser
     from pipelines.jobs import ADDRESS_HELP, add_jobs_command
 
     sp = sub.add_parser("submit", help="run train/tune/pipeline as a Ray job on a cluster (Ray Jobs API)",

@@ -18,6 +18,9 @@ T = TypeVar("T")
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    # A new sqlite store logs its schema migration at INFO on stderr: noise in a one-line CLI.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -26,9 +26,9 @@ def git_commit() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        return out.stdout.strip() or os.environ.get("LORAPIPE_GIT_COMMIT") or None
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("LORAPIPE_GIT_COMMIT")
 
 
 def with_run_name(cfg: RunConfig) -> RunConfig:
@@ -106,12 +106,37 @@ def ensure_ray(cfg: RunConfig) -> None:
              configure_logging=True, logging_level="WARNING")
 
 
+def warn_if_not_shared(cfg: RunConfig) -> None:
+    """On a multi-node cluster, rank 0 may run on another node: a sqlite/file MLflow store or a
+    storage path on the driver's local disk would silently split or lose state there."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    uri = cfg.tracking_uri()
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        print(f"warning: MLflow store {uri} is local to this node; on a {len(nodes)}-node cluster rank 0 "
+              "logs from another node. Set MLFLOW_TRACKING_URI to a server.")
+    if "://" not in cfg.storage_path():
+        print(f"warning: run.storage_path {cfg.storage_path()} must be shared storage visible to all "
+              f"{len(nodes)} nodes (NFS mount or s3://...)")
+
+
+def ray_train_env_defaults() -> None:
+    """Ray Train reads these in the process that builds the trainer and passes them on. Worker
+    start-up (a new process importing torch, transformers, DeepSpeed) can exceed Ray's 60 s
+    default on a busy machine, which would fail the run instead of waiting."""
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+
+
 def build_trainer(cfg: RunConfig, loop_config: dict, callbacks: list):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.worker import train_loop_per_worker
 
+    ray_train_env_defaults()
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -222,7 +247,7 @@ def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fin
     cfg = config_from_yaml_text(config_yaml)
     state = json.loads((ckpt / STATE_FILE).read_text())
     metrics = final_metrics(state)
-    if marks:
+    if marks and not state.get("resumed_from_step"):  # a resumed run's first report is from another process
         metrics["startup"] = startup_breakdown(marks, state["history"][0])
     history = "".join(json.dumps(m) + "\n" for m in state["history"])
     return write_run_dir(run_dir, config_yaml=config_yaml, adapter_src=ckpt / "adapter", metrics=metrics,
@@ -261,6 +286,7 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
         run_id = tracking.start_run(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name,
                                     cfg.model_dump(mode="json"), tags, parent_run_id=parent_run_id)
     ensure_ray(cfg)
+    warn_if_not_shared(cfg)
     marks["ray_ready"] = time.time()
     sink = ProgressSink.remote()
     trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},

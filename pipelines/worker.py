@@ -219,6 +219,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Model and engine: identical LoRA init on every rank (same seed), then DeepSpeed.
     seed_everything(cfg.seed)
     model, shapes = build_model(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # 4-bit loading leaves its 16-bit load buffers in the cache
     marks["model_loaded"] = time.time()
     engine = build_engine(cfg, model)
     marks["engine_ready"] = time.time()
@@ -241,7 +243,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window["tokens"] += float(batch["attention_mask"].sum())
         window["seconds"] += time.perf_counter() - t0
         state.step += 1
-        marks.setdefault("first_step_done", time.time())
+        if marks is not None:
+            marks.setdefault("first_step_done", time.time())
 
         last = state.step == tr.max_steps
         do_eval = state.step % tr.eval_every == 0 or last
@@ -258,9 +261,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "epoch": state.position / train_batches.per_epoch, "restarts": state.restarts}
         if do_eval:
             metrics.update(evaluate(engine, eval_set, device))
-        if marks:  # first report of this process: how start-up time was spent
+        if marks is not None:  # first report of this process: how start-up time was spent
             metrics.update({f"startup_{k}": v for k, v in marks.items()})
-            marks = {}
+            marks = None
         window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "seconds": 0.0}
         state.history.append(metrics)
         if logger:

@@ -42,9 +42,9 @@ def run_on_three_nodes(tmp: Path) -> dict:
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port(), "node_ip_address": "127.0.0.1"})
+        "dashboard_agent_listen_port": _free_port()})
     try:
-        workers = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
@@ -53,7 +53,8 @@ def run_on_three_nodes(tmp: Path) -> dict:
             f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "data.max_examples=120", "train.max_steps=6",
             "train.eval_every=3", "train.checkpoint_every=3", "train.report_every=3", "train.warmup_steps=0"])
         run = train(cfg, progress=False)
-        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+        actors = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")],
+                             detail=True, limit=100)
         return {"run_dir": str(run.path), "train_worker_nodes": sorted(a.node_id for a in actors),
                 "worker_nodes": sorted(n.node_id for n in workers), "head_node": cluster.head_node.node_id}
     finally:
@@ -97,12 +98,15 @@ def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(tmp_path)
     # Own temp dir: Cluster() writes its address file there, not where other local `ray.init()`s look.
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_TRAIN_V2_ENABLED="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    out = tmp_path / "result.json"
+    out, log = tmp_path / "result.json", tmp_path / "child.log"
     t0 = time.time()
-    child = subprocess.Popen([sys.executable, __file__, str(tmp_path), str(out)], cwd=REPO, env=env,
-                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with log.open("w") as log_file:
+        child = subprocess.Popen([sys.executable, __file__, str(tmp_path), str(out)], cwd=REPO, env=env,
+                                 start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        log, _ = child.communicate(timeout=480)
+        child.wait(timeout=480)
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         if child.poll() is None:
             child.kill()
@@ -110,7 +114,7 @@ def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(tmp_path)
         left = _session_pids(child.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"Ray processes left behind: {left}"
-    assert child.returncode == 0 and out.is_file(), log[-5000:]
+    assert child.returncode == 0 and out.is_file(), log.read_text()[-5000:]
     print(f"three-node training: {time.time() - t0:.0f}s")
     result = json.loads(out.read_text())
 

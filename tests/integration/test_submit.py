@@ -201,7 +201,8 @@ def test_bad_config_is_refused_locally_and_fails_the_job_with_the_same_line(ray_
     assert job_status(ray_head, job_id) == "FAILED"
     # The head is this machine: relative outputs and the default MLflow store are pinned to the project.
     root = Path(__file__).resolve().parents[2]
-    assert f"run.output_dir={root / 'runs'}" in r.stdout and f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}" in r.stdout
+    assert f"run.output_dir={root / 'runs'}" in r.stdout
+    assert f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}" in r.stdout
     logs = lorapipe(ray_head, "jobs", "logs", job_id, "--address", ray_head.address).stdout
     errors = [ln for ln in logs.splitlines() if ln.startswith("lorapipe: error: ")]
     assert errors == [f"lorapipe: error: {err.removeprefix('lorapipe: error: ').strip()}"], logs[-2000:]
@@ -233,8 +234,8 @@ def test_jobs_list_shows_the_submitted_jobs(ray_head):
 
 
 def test_unknown_job_and_unreachable_cluster_are_one_line_errors(ray_head):
-    for action in ("status", "logs", "stop"):
-        err = one_line_error(lorapipe(ray_head, "jobs", action, "raysubmit_nosuchjob", "--address", ray_head.address))
+    for action in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        err = one_line_error(lorapipe(ray_head, "jobs", *action, "raysubmit_nosuchjob", "--address", ray_head.address))
         assert "no job 'raysubmit_nosuchjob'" in err
     err = one_line_error(lorapipe(ray_head, "jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}"))
     assert "cannot reach the Ray dashboard" in err

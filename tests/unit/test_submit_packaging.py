@@ -2,6 +2,7 @@
 environment and what is printed, entrypoint quoting, where outputs go. No Ray cluster is started."""
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -29,7 +30,8 @@ def project(tmp_path, repo_root) -> Path:
                 # left out:
                 ".venv/lib/site.py", "runs/r1/adapter.safetensors", "mlruns/0/meta.yaml", "mlartifacts/a",
                 "mlflow.db", "nested/cache.db", ".git/HEAD", "pipelines/__pycache__/cli.cpython-311.pyc",
-                "bench/results/run.json", ".whl/torch.whl", "dist/x-1.0.whl", ".gl/x", ".lorapipe/tiny/model.safetensors",
+                "bench/results/run.json", ".whl/torch.whl", "dist/x-1.0.whl", ".gl/x",
+                ".lorapipe/tiny/model.safetensors",
                 ".demo/runs/x", ".cache/huggingface/x", "lorapipe.egg-info/PKG-INFO", ".local-only/x"]:
         _touch(root, rel)
     _touch(root, "sub/.gitignore", "secret.txt\n")
@@ -103,20 +105,29 @@ def test_config_must_be_inside_the_project(project, tmp_path):
         sub.config_in_project(str(project / "configs" / "nope.yaml"), project)
 
 
-def test_durable_overrides_pin_outputs_only_on_this_machine(project):
-    base = {"name": "x", "output_dir": "runs", "storage_path": None, "tracking_uri": None, "mlflow_enabled": True}
-    extra, warnings = sub.durable_overrides(base, project, local=True, environ={})
-    assert extra == [f"run.output_dir={project / 'runs'}", f"mlflow.tracking_uri=sqlite:///{project / 'mlflow.db'}"]
-    assert warnings == []
-    extra, _ = sub.durable_overrides({**base, "output_dir": "/mnt/shared/runs", "storage_path": "ckpt"}, project,
-                                     local=True, environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
-    assert extra == [f"run.storage_path={project / 'ckpt'}"]
-    extra, warnings = sub.durable_overrides(base, project, local=False, environ={})
-    assert extra == [] and len(warnings) == 2
-    assert "temporary copy" in warnings[0] and "run.storage_path" in warnings[0] and "MLflow" in warnings[1]
-    _, warnings = sub.durable_overrides({**base, "output_dir": "/mnt/shared/runs"}, project, local=False,
-                                        environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
-    assert len(warnings) == 1 and "shared storage every node sees" in warnings[0]
+def test_placement_pins_outputs_only_when_the_head_is_this_machine(project, monkeypatch):
+    monkeypatch.chdir(project)
+    base = {"name": "x", "output_dir": "runs", "storage_path": None, "tracking_uri": None, "mlflow_enabled": True,
+            "builtin": True}
+    place = sub.durable_placement(base, project, local=True, environ={})
+    assert place.overrides == [f"run.output_dir={project / 'runs'}",
+                               f"mlflow.tracking_uri=sqlite:///{project / 'mlflow.db'}"]
+    assert place.env == {"LORAPIPE_HOME": str((project / ".lorapipe").resolve())} and place.warnings == []
+    place = sub.durable_placement({**base, "output_dir": "/mnt/shared/runs", "storage_path": "ckpt", "builtin": False},
+                                  project, local=True, environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert place.overrides == [f"run.storage_path={project / 'ckpt'}"] and place.env == {}
+    place = sub.durable_placement({**base, "tracking_uri": "sqlite:///m.db"}, project, local=True,
+                                  environ={"LORAPIPE_HOME": "home"})
+    assert f"mlflow.tracking_uri=sqlite:///{project / 'm.db'}" in place.overrides
+    assert place.env == {"LORAPIPE_HOME": str((project / "home").resolve())}
+
+    place = sub.durable_placement(base, project, local=False, environ={})
+    assert place.overrides == [] and place.env == {} and len(place.warnings) == 3
+    assert "temporary copy" in place.warnings[0] and "run.storage_path=runs/_ray" in place.warnings[0]
+    assert "MLflow" in place.warnings[1] and "LORAPIPE_HOME" in place.warnings[2]
+    place = sub.durable_placement({**base, "output_dir": "/mnt/shared/runs", "builtin": False}, project, local=False,
+                                  environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert len(place.warnings) == 1 and "shared storage every node sees" in place.warnings[0]
 
 
 def test_a_local_package_shadowing_an_installed_one_is_reported(project):
@@ -170,11 +181,12 @@ def test_submit_passes_secrets_to_the_job_but_never_prints_them(monkeypatch, cap
     assert all(isinstance(v, str) for v in meta.values())
     assert client.submitted["runtime_env"]["working_dir"] == str(project.resolve())
     assert "lorapipe jobs logs raysubmit_fake --follow --address http://127.0.0.1:8265" in printed
-    # Local head, MLFLOW_TRACKING_URI set: outputs pinned to the project, MLflow left to the env.
+    # Local head, MLFLOW_TRACKING_URI set: outputs and builtin assets pinned to the project, MLflow left to the env.
     args = shlex.split(client.submitted["entrypoint"])
     assert args[:4] == ["lorapipe", "train", "--no-progress", "configs/tiny-cpu.yaml"]
     assert f"run.output_dir={project.resolve() / 'runs'}" in args
     assert not any(a.startswith("mlflow.tracking_uri=") for a in args)
+    assert env["LORAPIPE_HOME"] == os.environ["LORAPIPE_HOME"]  # set here (tests/conftest.py): kept
 
 
 def test_submit_to_a_remote_head_leaves_paths_and_warns(monkeypatch, capsys, project):
@@ -197,6 +209,11 @@ def test_bad_config_is_refused_before_contacting_the_cluster(monkeypatch, capsys
     rc = cli.main(["submit", "configs/tiny-cpu.yaml", "train.max_stepz=5", "--address", "http://127.0.0.1:1"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "train.max_stepz" in err and "train.max_steps" in err
+
+
+def test_tune_needs_a_tune_section(monkeypatch, capsys, project):
+    rc, client = _submit(monkeypatch, project, "--command", "tune")
+    assert rc == 2 and "no tune: section" in capsys.readouterr().err and not client.submitted
 
 
 def test_no_validate_submits_a_bad_config_as_is(monkeypatch, project):
