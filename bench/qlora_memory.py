@@ -167,8 +167,10 @@ def child(mode: str, path: str, seq: int, steps: int, out: Path) -> None:
         import bitsandbytes  # noqa: F401
     result = {"mode": mode, "status": "running", "phases": {"imports": sampler.mark()}}
 
+    started = time.perf_counter()
+
     def mark(phase: str) -> None:
-        result["phases"][phase] = sampler.mark()
+        result["phases"][phase] = {**sampler.mark(), "t_s": round(time.perf_counter() - started, 2)}
         result.update(peak_anon=sampler.peak_anon, peak_rss=sampler.peak_rss, samples=sampler.samples)
         out.write_text(json.dumps(result))
 

@@ -96,8 +96,12 @@ def ensure_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise UserError(f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: use `lorapipe submit` to run on "
+                        "that cluster, or unset RAY_ADDRESS to train on a local Ray")
+    if address:
+        ray.init(address=address, log_to_driver=True)
         return
     needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     # Logical CPUs may exceed physical cores: Ray then sets torch threads from the share.

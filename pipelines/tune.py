@@ -103,7 +103,9 @@ def build_scheduler(cfg: RunConfig, section: TuneSection):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
+    # stop_last_trials=False: a trial that reaches max_t ends by itself (run directory written,
+    # workers shut down by Ray Train) instead of being killed at its last report.
+    return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, stop_last_trials=False,
                          grace_period=section.asha.grace_period, reduction_factor=section.asha.reduction_factor)
 
 

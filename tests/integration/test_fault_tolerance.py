@@ -37,29 +37,6 @@ def _adapter(run) -> dict[str, torch.Tensor]:
     return load_file(str(run.adapter / "adapter_model.safetensors"))
 
 
-def test_killed_worker_is_replaced_and_result_matches_uninterrupted(ray_local, tiny_config, tmp_path):
-    from pipelines.train import train
-
-    reference = train(tiny_config(*EXACT, "run.name=reference"), progress=False)
-    cfg = tiny_config(*EXACT, "run.name=faulty")
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run=train(cfg, progress=False)))
-    thread.start()
-    _wait_for(Path(cfg.storage_path()) / "faulty", "checkpoint_step_0000004")
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert workers, "no Ray Train worker process found"
-    os.kill(workers[0].pid, signal.SIGKILL)
-    thread.join(timeout=900)
-    run = result["run"]
-    metrics = run.metrics()
-    assert metrics["restarts"] >= 1 and metrics["train_steps"] == 12
-    assert metrics["resumed_from_step"][0] in (4, 8)
-    ref, got = _adapter(reference), _adapter(run)
-    assert ref.keys() == got.keys()
-    for key in ref:
-        assert torch.allclose(ref[key], got[key], atol=1e-6, rtol=0), (key, (ref[key] - got[key]).abs().max())
-
-
 def test_killed_driver_resumes_without_redoing_steps(tmp_path):
     args = ["configs/tiny-cpu.yaml", *EXACT, f"run.output_dir={tmp_path / 'runs'}", "run.name=interrupted",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "data.max_examples=120", "train.lr=0.01"]
@@ -81,3 +58,26 @@ def test_killed_driver_resumes_without_redoing_steps(tmp_path):
     steps = [json.loads(line)["step"] for line in (run.path / "history.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), steps  # nothing reported twice: no step was redone
     assert max(steps) == 12
+
+
+def test_killed_worker_is_replaced_and_result_matches_uninterrupted(ray_local, tiny_config, tmp_path):
+    from pipelines.train import train
+
+    reference = train(tiny_config(*EXACT, "run.name=reference"), progress=False)
+    cfg = tiny_config(*EXACT, "run.name=faulty")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run=train(cfg, progress=False)))
+    thread.start()
+    _wait_for(Path(cfg.storage_path()) / "faulty", "checkpoint_step_0000004")
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=900)
+    run = result["run"]
+    metrics = run.metrics()
+    assert metrics["restarts"] >= 1 and metrics["train_steps"] == 12
+    assert metrics["resumed_from_step"][0] in (4, 8)
+    ref, got = _adapter(reference), _adapter(run)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.allclose(ref[key], got[key], atol=1e-6, rtol=0), (key, (ref[key] - got[key]).abs().max())

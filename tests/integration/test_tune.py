@@ -20,6 +20,37 @@ def _overrides(tmp: Path) -> list[str]:
     return [f"run.output_dir={tmp / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"]
 
 
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
+    args = ["configs/tiny-cpu-tune.yaml", *_overrides(tmp_path), "tune.num_samples=3", "tune.asha.enabled=false",
+            "tune.max_concurrent_trials=1", "train.max_steps=16", "tune.name=resumable"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([LORAPIPE, "tune", *args, "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    exp_dir = tmp_path / "runs" / "resumable"
+    deadline = time.time() + 420
+    while time.time() < deadline and not _finished_trials(exp_dir):
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    finished_before = _finished_trials(exp_dir)
+    assert finished_before, "no trial finished before the kill"
+    subprocess.run(["pkill", "-9", "-f", f"{tmp_path}"], check=False)  # stray workers of that Ray
+    out = subprocess.run([LORAPIPE, "tune", *args, "--resume", "--no-progress"], capture_output=True, text=True,
+                         timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = json.loads((exp_dir / "trials.json").read_text())
+    assert len(trials) == 3 and all(t["steps"] == 16 for t in trials), trials
+    # A finished trial is not run again: it has exactly one MLflow run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lorapipe-tiny-tune")
+    runs = client.search_runs([exp.experiment_id])
+    for name in finished_before:
+        trial_id = name.removeprefix("trial_")
+        assert sum(r.data.tags.get("lorapipe.tune_trial_id") == trial_id for r in runs) == 1, trial_id
+
+
 def test_search_stops_early_and_best_trains(ray_local, tmp_path):
     from pipelines.config_loader import load_config
     from pipelines.rundir import RunDir
@@ -60,34 +91,3 @@ def test_search_stops_early_and_best_trains(ray_local, tmp_path):
 
 def _finished_trials(exp_dir: Path) -> set[str]:
     return {p.name for p in exp_dir.glob("trial_*") if (p / "COMPLETE").is_file()}
-
-
-def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
-    args = ["configs/tiny-cpu-tune.yaml", *_overrides(tmp_path), "tune.num_samples=3", "tune.asha.enabled=false",
-            "tune.max_concurrent_trials=1", "train.max_steps=16", "tune.name=resumable"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([LORAPIPE, "tune", *args, "--no-progress"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    exp_dir = tmp_path / "runs" / "resumable"
-    deadline = time.time() + 420
-    while time.time() < deadline and not _finished_trials(exp_dir):
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    finished_before = _finished_trials(exp_dir)
-    assert finished_before, "no trial finished before the kill"
-    subprocess.run(["pkill", "-9", "-f", f"{tmp_path}"], check=False)  # stray workers of that Ray
-    out = subprocess.run([LORAPIPE, "tune", *args, "--resume", "--no-progress"], capture_output=True, text=True,
-                         timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    trials = json.loads((exp_dir / "trials.json").read_text())
-    assert len(trials) == 3 and all(t["steps"] == 16 for t in trials), trials
-    # A finished trial is not run again: it has exactly one MLflow run.
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("lorapipe-tiny-tune")
-    runs = client.search_runs([exp.experiment_id])
-    for name in finished_before:
-        trial_id = name.removeprefix("trial_")
-        assert sum(r.data.tags.get("lorapipe.tune_trial_id") == trial_id for r in runs) == 1, trial_id
