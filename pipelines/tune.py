@@ -40,6 +40,15 @@ def trial_fn(config: dict, base: dict, experiment_dir: str, parent_run_id: Optio
     from pipelines.train import train
 
     trial_id = tune.get_context().get_trial_id()
+    done = Path(experiment_dir) / f"trial_{trial_id}"
+    if (done / "COMPLETE").is_file():
+        # Finished before the driver died but after Tune last saved its state: report, don't re-run.
+        from pipelines.rundir import RunDir
+
+        run = RunDir.open(done)
+        history = [json.loads(line) for line in (run.path / "history.jsonl").read_text().splitlines()]
+        tune.report({**history[-1], **{k: v for k, v in run.metrics().items() if isinstance(v, (int, float))}})
+        return
     cfg = apply_trial_values(RunConfig.model_validate(base), decode_values(config))
     cfg.run.name = f"trial_{trial_id}"  # from the trial id: stable across restore
     cfg.run.output_dir = experiment_dir
