@@ -23,14 +23,25 @@ EXACT = ["model.quantization=none", "model.dtype=fp32", "lora.dropout=0.0", "tra
          "train.checkpoint_every=4", "train.report_every=2", "train.eval_every=6", "run.max_failures=2"]
 
 
-def _wait_for(path_glob: Path, pattern: str, timeout: float = 400) -> Path:
+def _wait_registered(run_path: Path, name: str, timeout: float = 400) -> None:
+    """Until Ray Train's checkpoint manager has recorded `name` (what a restart resumes from)."""
+    snapshot = run_path / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = [p for p in path_glob.glob(pattern) if (p / "COMPLETE").is_file()]
-        if found:
-            return found[0]
+        if snapshot.is_file() and name in snapshot.read_text():
+            return
         time.sleep(0.5)
-    raise AssertionError(f"no {pattern} under {path_glob} after {timeout}s")
+    raise AssertionError(f"{name} not registered in {snapshot} after {timeout}s")
+
+
+def _train_workers_of_this_cluster() -> list[psutil.Process]:
+    """Ray Train worker processes started by this test's raylet (never another cluster's)."""
+    import ray
+    from ray._private import ray_constants
+
+    raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return [p for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline() or [])]
 
 
 def _adapter(run) -> dict[str, torch.Tensor]:
@@ -43,7 +54,7 @@ def test_killed_driver_resumes_without_redoing_steps(tmp_path):
     proc = subprocess.Popen([LORAPIPE, "train", *args, "--no-progress"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     storage = tmp_path / "runs" / "_ray" / "interrupted"
-    _wait_for(storage, "checkpoint_step_0000008")
+    _wait_registered(storage, "checkpoint_step_0000008")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     time.sleep(2)
@@ -68,8 +79,8 @@ def test_killed_worker_is_replaced_and_result_matches_uninterrupted(ray_local, t
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run=train(cfg, progress=False)))
     thread.start()
-    _wait_for(Path(cfg.storage_path()) / "faulty", "checkpoint_step_0000004")
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    _wait_registered(Path(cfg.storage_path()) / "faulty", "checkpoint_step_0000004")
+    workers = _train_workers_of_this_cluster()
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=900)
