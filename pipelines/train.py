@@ -105,7 +105,9 @@ def ensure_ray(cfg: RunConfig) -> None:
         return
     needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     # Logical CPUs may exceed physical cores: Ray then sets torch threads from the share.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API (served by
+    # it) whether a controller died; without it, a trial killed by ASHA leaks its workers' CPUs.
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",
              configure_logging=True, logging_level="WARNING")
 

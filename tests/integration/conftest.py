@@ -12,7 +12,9 @@ def ray_local():
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # 2 cores here: logical over-subscription lets a driver/trial and two 1-CPU workers coexist.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Dashboard on: Ray Train's placement-group cleaner needs the state API it serves (see ensure_ray).
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
     yield ray
     ray.shutdown()
 
