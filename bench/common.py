@@ -78,6 +78,16 @@ def header(script: str, args: dict, torch_threads) -> dict:
             "torch_threads": torch_threads, "machine": machine_info(), "versions": versions()}
 
 
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as PNG and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_json(path, report: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, ROOT, SHAPE_20M, RssSampler, gib, header, param_count, save_llama,  # noqa: E402
-                    single_thread_env, spread, write_json)
+                    save_figure, single_thread_env, spread, write_json)
 
 SHAPES = {"20m": SHAPE_20M, "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256)}
 CONFIGS = {"pad_nockpt": (False, False), "pack_nockpt": (True, False), "pack_ckpt": (True, True)}
@@ -102,9 +102,7 @@ def plot(report: dict, path: Path) -> None:
     a2.set_ylabel("step peak anon (MiB, median)")
     for ax in (a1, a2):
         ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

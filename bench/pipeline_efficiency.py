@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, SHAPE_20M, header, param_count, save_llama, spread, write_json  # noqa: E402
+from common import RESULTS, ROOT, SHAPE_20M, header, param_count, save_llama, save_figure, spread, write_json  # noqa: E402
 
 SHAPES = {"20m": SHAPE_20M, "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256)}
 
@@ -120,9 +120,7 @@ def plot(report: dict, path: Path) -> None:
            color=["#888", "#3a7"], capsize=6)
     ax.set_ylabel("tokens/s (median, min-max)")
     ax.set_title(f"steady state, ratio {report['ratio_lorapipe_over_bare']:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

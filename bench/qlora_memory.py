@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, RssSampler, gib, header, meminfo, single_thread_env, spread, write_json  # noqa: E402
+from common import RESULTS, RssSampler, gib, header, meminfo, save_figure, single_thread_env, spread, write_json  # noqa: E402
 
 # Llama-3.2-1B's shape (1.24B parameters, tied embeddings); "tiny" is for the smoke test.
 SHAPES = {
@@ -251,9 +251,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("GiB")
     ax.set_title(f"{report['settings']['size']} Llama, 1 step, seq {report['settings']['seq']}, grad ckpt", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

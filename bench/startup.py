@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, header, spread, write_json  # noqa: E402
+from common import RESULTS, ROOT, header, save_figure, spread, write_json  # noqa: E402
 
 PHASES = ("cli_s", "preflight_s", "ray_init_s", "workers_start_s", "data_s", "model_load_s", "deepspeed_init_s",
           "first_step_s")
@@ -80,9 +80,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_yticks([])
     ax.set_xlabel("seconds from Popen to first optimizer step (median run)")
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import session_pids
 
 pytestmark = pytest.mark.integration
 
@@ -62,27 +63,16 @@ def run_on_three_nodes(tmp: Path) -> dict:
         cluster.shutdown()
 
 
-def _session_pids(session: int) -> list[int]:
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(entry)) == session:
-                pids.append(int(entry))
-        except (ProcessLookupError, PermissionError):
-            pass
-    return pids
-
-
 def _kill_session(session: int) -> None:
     """Safety net if the child died without shutting its cluster down: its Ray processes share its session."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _session_pids(session):
+        for pid in session_pids(session):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + 10
-        while _session_pids(session) and time.time() < deadline:
+        while session_pids(session) and time.time() < deadline:
             time.sleep(0.5)
 
 
@@ -111,7 +101,7 @@ def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(tmp_path)
         if child.poll() is None:
             child.kill()
         _kill_session(child.pid)
-        left = _session_pids(child.pid)
+        left = session_pids(child.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"Ray processes left behind: {left}"
     assert child.returncode == 0 and out.is_file(), log.read_text()[-5000:]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from procs import session_pids
 import requests
 
 pytestmark = pytest.mark.integration
@@ -40,30 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _session_pids(session: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == session:
-                    pids.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
 def _kill_session(session: int, grace_s: float = 15.0) -> None:
     """SIGTERM every process of the head's session (gcs, raylet, dashboard, workers), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in _session_pids(session):
+        for pid in session_pids(session):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + wait
-        while _session_pids(session) and time.time() < deadline:
+        while session_pids(session) and time.time() < deadline:
             time.sleep(0.5)
-        if not _session_pids(session):
+        if not session_pids(session):
             return
 
 
@@ -101,7 +90,7 @@ def ray_head():
     finally:
         proc.kill() if proc.poll() is None else None
         _kill_session(session)
-        leftover = _session_pids(session)
+        leftover = session_pids(session)
         shutil.rmtree(tmp, ignore_errors=True)
         assert not leftover, f"Ray processes left behind: {leftover}"
 
