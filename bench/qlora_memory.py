@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, RssSampler, gib, header, meminfo, save_figure, single_thread_env, spread, write_json  # noqa: E402
+from common import RESULTS, RssSampler, gib, header, meminfo, save_figure, single_thread_env, write_json  # noqa: E402
 
 # Llama-3.2-1B's shape (1.24B parameters, tied embeddings); "tiny" is for the smoke test.
 SHAPES = {

@@ -130,6 +130,27 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_sync(args) -> int:
+    from pipelines import tracking
+    from pipelines.errors import UserError
+    from pipelines.registry import reachable
+    from pipelines.rundir import RunDir
+    from pipelines.secrets import redact_uri
+
+    run = RunDir.open(args.run_dir)
+    run_id = run.lineage().get("mlflow_run_id")
+    if not run_id:
+        raise UserError(f"{run.path} has no MLflow run (trained with mlflow.enabled=false); use `lorapipe register`")
+    uri = args.tracking_uri or run.config().tracking_uri()
+    reachable(uri)
+    history = run.history()
+    missing = tracking.finalize_run(uri, run_id, history, run.metrics())
+    if missing:
+        raise UserError(f"MLflow at {redact_uri(uri)} still lacks steps {missing}; try again")
+    print(f"MLflow run {run_id} holds all {len(history)} reports of {run.path} and is FINISHED")
+    return 0
+
+
 def cmd_promote(args) -> int:
     from pipelines.registry import Gate, promote
 
@@ -199,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db")
     rg.set_defaults(fn=cmd_register)
 
+    sy = sub.add_parser("sync", help="log a run's metrics MLflow missed (server was away) and finish its run")
+    sy.add_argument("run_dir")
+    sy.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db")
+    sy.set_defaults(fn=cmd_sync)
+
     pr = sub.add_parser("promote", help="move an alias to a version if it beats the current one")
     pr.add_argument("name", help="registered model name, e.g. tiny-reverse-merged")
     pr.add_argument("version")
@@ -247,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipelines.errors import UserError
 
     args = build_parser().parse_args(argv)
-    if args.command not in ("validate", "plan", "jobs", "registry", "promote"):
+    if args.command not in ("validate", "plan", "jobs", "registry", "promote", "sync"):
         # Model-loading commands: transformers' per-shard progress bars are noise next to ours.
         from transformers.utils import logging as hf_logging
 

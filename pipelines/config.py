@@ -138,6 +138,17 @@ class MlflowSection(Section):
     tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = Field("lorapipe", description="MLflow experiment name")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
+        # A config is saved beside every checkpoint and logged as an artifact: it must hold no secret.
+        from pipelines.secrets import redact_uri
+
+        if v and redact_uri(v) != v:
+            raise ValueError(f"{redact_uri(v)} carries credentials in the URI; set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return v
+
 
 class RegistrySection(Section):
     name: Optional[str] = Field(None, description="registered model base name; default run name")

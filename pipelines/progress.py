@@ -3,7 +3,6 @@ report; the callback forwards rank 0's metrics to a small actor the driver polls
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import contextmanager
 from typing import Optional
 

@@ -67,6 +67,11 @@ class RunDir:
     def lineage(self) -> dict:
         return json.loads((self.path / "lineage.json").read_text())
 
+    def history(self) -> list[dict]:
+        """Every metrics report of the run, in step order (what MLflow should hold)."""
+        f = self.path / "history.jsonl"
+        return [json.loads(line) for line in f.read_text().splitlines() if line] if f.is_file() else []
+
     def digest_of(self, rel: str) -> str:
         recorded = json.loads((self.path / "digests.json").read_text())
         return recorded.get(rel) or sha256_file(self.path / rel)

@@ -71,7 +71,7 @@ def experiment_id(c, name: str, uri: str) -> str:
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
               parent_run_id: Optional[str] = None) -> str:
     """Create a run with the flattened config as params; returns its id."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     c = client(uri)
     exp_id = with_retries(lambda: experiment_id(c, experiment, uri), what="MLflow experiment lookup")
@@ -95,23 +95,61 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     client(uri).log_batch(run_id, metrics=batch)
 
 
+def backfill_metrics(uri: str, run_id: str, history: list[dict]) -> list[int]:
+    """Log every history entry whose step the MLflow run lacks (rank 0 could not reach the server
+    when it happened). Never raises; returns the steps still missing (empty: all logged)."""
+    pending = [int(m["step"]) for m in history]
+    try:
+        c = client(uri)
+        have = {m.step for m in c.get_metric_history(run_id, "train_loss")}
+        pending = [s for s in pending if s not in have]
+        for m in [m for m in history if int(m["step"]) in set(pending)]:
+            log_metrics(uri, run_id, m, int(m["step"]))
+            pending.remove(int(m["step"]))
+    except Exception as e:
+        log.warning("MLflow unreachable (%s): %d steps not backfilled", type(e).__name__, len(pending))
+    return pending
+
+
+def finalize_run(uri: str, run_id: str, history: list[dict], final: dict) -> list[int]:
+    """Backfill what training could not log, add the final_* metrics, mark the run FINISHED.
+    Never raises; returns the steps MLflow still lacks (empty: the run is complete there)."""
+    missing = backfill_metrics(uri, run_id, history)
+    if missing:
+        return missing
+    try:
+        c = client(uri)
+        if not c.get_metric_history(run_id, "final_train_steps"):
+            log_metrics(uri, run_id, {f"final_{k}": v for k, v in final.items()}, int(final["train_steps"]))
+        finish_run(uri, run_id)
+    except Exception as e:
+        log.warning("MLflow run %s not finalised (%s)", run_id, type(e).__name__)
+        return [int(final["train_steps"])]
+    return []
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     with_retries(lambda: client(uri).set_terminated(run_id, status=status), what="MLflow set_terminated")
 
 
 class MetricsLogger:
-    """Rank 0's metric logger. Never raises: failed batches wait in `pending` and are flushed on
-    the next successful call; `close()` says what could not be logged."""
+    """Rank 0's metric logger. Never raises and never holds training up for long: while the server
+    is away, batches wait in `pending` and are retried no more often than `backoff` allows (doubling
+    to `max_backoff`); `close()` makes one last attempt and says what could not be logged (the
+    driver backfills it from the run directory, or `lorapipe sync` does later)."""
 
-    def __init__(self, run_id: Optional[str], uri: str):
+    def __init__(self, run_id: Optional[str], uri: str, backoff: float = 5.0, max_backoff: float = 60.0):
         self.run_id, self.uri = run_id, uri
         self.pending: list[tuple[dict, int]] = []
+        self.first_backoff, self.backoff, self.max_backoff = backoff, backoff, max_backoff
+        self.retry_at = 0.0
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.run_id:
             return
         self.pending.append((metrics, step))
-        self.flush()
+        if time.monotonic() >= self.retry_at:
+            self.flush()
 
     def flush(self) -> None:
         try:
@@ -119,8 +157,12 @@ class MetricsLogger:
                 m, s = self.pending[0]
                 log_metrics(self.uri, self.run_id, m, s)
                 self.pending.pop(0)
+            self.backoff = self.first_backoff
         except Exception as e:
-            log.warning("MLflow unreachable (%s): %d metric batches kept for later", type(e).__name__, len(self.pending))
+            self.retry_at = time.monotonic() + self.backoff
+            log.warning("MLflow unreachable (%s): %d metric batches kept; next try in %.0fs",
+                        type(e).__name__, len(self.pending), self.backoff)
+            self.backoff = min(self.backoff * 2, self.max_backoff)
 
     def close(self) -> None:
         self.flush()

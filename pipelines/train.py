@@ -136,6 +136,14 @@ def ray_train_env_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
 
 
+def driver_node_label() -> dict:
+    """Pin small helper actors to the driver's node, as Ray Train pins its controller: losing a
+    worker node must not take them down with it."""
+    import ray
+
+    return {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
+
+
 def build_trainer(cfg: RunConfig, loop_config: dict, callbacks: list):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -261,6 +269,14 @@ def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fin
                          extra_files={"history.jsonl": history})
 
 
+def report_unlogged(run_dir, missing: list[int]) -> None:
+    """Say which steps the MLflow run lacks (the server was away), and how to fill them in."""
+    if missing:
+        print(f"warning: MLflow lacks the metrics of {len(missing)} reports (steps {missing[0]}..{missing[-1]}): "
+              f"the server was unreachable. They are in {run_dir.path / 'history.jsonl'}; "
+              f"`lorapipe sync {run_dir.path}` logs them once it is back.")
+
+
 def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str] = None,
           parent_run_id: Optional[str] = None, callbacks: Optional[list] = None, preflight_checks: bool = True):
     """One Ray Train run. Returns the RunDir it wrote."""
@@ -294,7 +310,7 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
     ensure_ray(cfg)
     warn_if_not_shared(cfg)
     marks["ray_ready"] = time.time()
-    sink = ProgressSink.remote()
+    sink = ProgressSink.options(label_selector=driver_node_label()).remote()
     trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
                             [ForwardMetrics(sink), *(callbacks or [])])
     try:
@@ -302,7 +318,10 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
             result = trainer.fit()
     except Exception:
         if run_id:
-            tracking.finish_run(cfg.tracking_uri(), run_id, "FAILED")
+            try:
+                tracking.finish_run(cfg.tracking_uri(), run_id, "FAILED")
+            except Exception:  # the training error matters more than MLflow being away too
+                pass
         raise
     finally:
         ray.kill(sink)
@@ -312,11 +331,5 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
         out = run_dir_from_checkpoint(Path(ckpt), run_dir, source_model=source_model, fingerprint=fingerprint,
                                       data_stats=data_stats, extra=extra, marks=marks)
     if run_id:
-        metrics = out.metrics()
-        try:
-            tracking.log_metrics(cfg.tracking_uri(), run_id, {f"final_{k}": v for k, v in metrics.items()
-                                                              if isinstance(v, (int, float))}, metrics["train_steps"])
-            tracking.finish_run(cfg.tracking_uri(), run_id)
-        except Exception as e:
-            print(f"warning: MLflow run {run_id} not finalised ({type(e).__name__}); metrics are in {out.path}")
+        report_unlogged(out, tracking.finalize_run(cfg.tracking_uri(), run_id, out.history(), out.metrics()))
     return out

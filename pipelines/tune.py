@@ -5,8 +5,6 @@ TuneReportCallback; ASHA stops weak trials (their workers are released with the 
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -91,6 +89,11 @@ def default_point(cfg: RunConfig, section: TuneSection) -> Optional[dict]:
     return point
 
 
+def search_seed(cfg: RunConfig, section: TuneSection) -> int:
+    """The search has its own seed so repeated searches can differ while training stays identical."""
+    return cfg.seed if section.seed is None else section.seed
+
+
 def build_search(cfg: RunConfig, section: TuneSection):
     if section.search == "optuna":
         import optuna
@@ -98,12 +101,12 @@ def build_search(cfg: RunConfig, section: TuneSection):
 
         start = default_point(cfg, section)
         return OptunaSearch(points_to_evaluate=[start] if start else None,
-                            sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+                            sampler=optuna.samplers.TPESampler(seed=search_seed(cfg, section)))
     if section.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         start = default_point(cfg, section)
-        return BasicVariantGenerator(random_state=cfg.seed, points_to_evaluate=[start] if start else None)
+        return BasicVariantGenerator(random_state=search_seed(cfg, section), points_to_evaluate=[start] if start else None)
     return None  # grid: Tune's default generator expands grid_search
 
 
@@ -197,7 +200,6 @@ def plot_trials(rows: list[dict], metric: str, out: Path) -> Optional[Path]:
 
 def tune(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> SearchResult:
     """Run (or resume) the search; returns the table, the best trial and its config file."""
-    import ray
     from ray import tune as rt
 
     from pipelines import tracking

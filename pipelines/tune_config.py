@@ -7,7 +7,7 @@ choice/bound is checked by validating the base config with it applied), plus the
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,6 +80,7 @@ class TuneSection(BaseModel):
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="default: from cluster CPUs/GPUs")
     name: Optional[str] = Field(None, description="experiment name; default <config name>-tune")
     grid_points: int = Field(3, ge=2, description="points per continuous axis for search=grid")
+    seed: Optional[int] = Field(None, ge=0, description="seeds the search algorithm; default: the config's seed")
 
     @model_validator(mode="after")
     def _non_empty(self):

@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -123,7 +124,16 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainerState, shapes: dict, r
         verify_adapter_files(out / "adapter", expected_adapter_shapes({"r": cfg.lora.r}, shapes))
         (out / "config.yaml").write_text(dump_config(cfg))
         (out / STATE_FILE).write_text(json.dumps(asdict(state)))
+        fault_point_kill_before_marker(state)
         (out / COMPLETE_MARKER).write_text(str(state.step))
+
+
+def fault_point_kill_before_marker(state: TrainerState) -> None:
+    """Fault injection for the reliability tests: LORAPIPE_FAULT_KILL_IN_CHECKPOINT=<step> SIGKILLs
+    rank 0 in the middle of that step's checkpoint (everything written but the marker), once."""
+    at = os.environ.get("LORAPIPE_FAULT_KILL_IN_CHECKPOINT")
+    if at and int(at) == state.step and state.restarts == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict:
@@ -225,6 +235,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine = build_engine(cfg, model)
     marks["engine_ready"] = time.time()
     state = restore(engine, rank)
+    if rank == 0:
+        # One quick attempt per report: MetricsLogger retries later itself, so MLflow's own HTTP
+        # retries (seconds of backoff each) would only stall training while the server is away.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     logger = MetricsLogger(loop_config.get("mlflow_run_id"), cfg.tracking_uri()) if rank == 0 else None
 
     tr = cfg.train

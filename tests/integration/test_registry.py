@@ -5,54 +5,20 @@ same writer training uses): the registry reads only the run directory, so Ray is
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from procs import MlflowServer, free_port
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server.uri
+    server.stop()
 
 
 def make_run_dir(tmp: Path, name: str, *, quantization: str, steps: int, uri: str, seed: int = 0):
@@ -179,9 +145,18 @@ def test_bad_registry_input_is_one_line(tmp_path, mlflow_server, capsys):
         (["promote", "regtest-merged", "99", "--tracking-uri", mlflow_server], "has no version 99"),
         (["promote", "regtest-merged", "abc", "--tracking-uri", mlflow_server], "not a version number"),
         (["promote", "bad/name", "1", "--tracking-uri", mlflow_server], "is not allowed"),
-        (["promote", "x", "1", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], "unreachable"),
+        (["promote", "x", "1", "--tracking-uri", f"http://127.0.0.1:{free_port()}"], "unreachable"),
     ]
+    # A run directory whose adapter changed after training: refused before anything is uploaded.
+    tampered = make_run_dir(tmp_path, "tampered", quantization="none", steps=1, uri=mlflow_server)
+    weights = tampered.adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    cases.append((["register", str(tampered.path), "--name", "tampered", "--tracking-uri", mlflow_server],
+                  "does not match its recorded SHA-256"))
     for argv, expected in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (argv, err)
+    from mlflow.tracking import MlflowClient
+
+    assert not [m for m in MlflowClient(mlflow_server).search_registered_models() if m.name.startswith("tampered")]

@@ -6,7 +6,6 @@ Cases run the real CLI in-process; the ones that reach `train` fail in preflight
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -62,6 +61,8 @@ CASES = [
     ("override without =", lambda e: ["validate", TINY, "lora.r"], "KEY=VALUE"),
     ("missing config", lambda e: ["validate", "configs/nope.yaml"], "config file not found"),
     ("config not yaml", lambda e: ["validate", str(e["tmp"] / "not_yaml.yaml")], "not valid YAML"),
+    ("credentials in tracking uri", lambda e: ["validate", TINY, "mlflow.tracking_uri=http://bob:hunter2@127.0.0.1:5000"],
+     "MLFLOW_TRACKING_PASSWORD"),
     ("config not mapping", lambda e: ["validate", str(e["tmp"] / "list.yaml")], "must be a mapping"),
     # model and data (train preflight, before Ray starts)
     ("missing model path", lambda e: _train(e, f"model.path={e['tmp'] / 'no_model'}"), "model path not found"),
@@ -92,6 +93,7 @@ CASES = [
     ("registry show unknown", lambda e: ["registry", "show", "nope", "--tracking-uri", f"sqlite:///{e['tmp'] / 'r.db'}"],
      "no registered model"),
     ("unreachable server", lambda e: ["promote", "m", "1", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    ("sync unknown run", lambda e: ["sync", str(e["tmp"] / "no_run")], "run directory not found"),
     # planning
     ("unknown gpu", lambda e: ["plan", TINY, "--gpu", "tpu9"], "unknown GPU"),
     ("zero gpus", lambda e: ["plan", TINY, "--gpus", "0"], "at least 1"),
@@ -108,6 +110,7 @@ def test_bad_input_is_one_line_exit_2(env, capsys, argv_of, expected):
     assert len(lines) == 1, lines
     assert lines[0].startswith("lorapipe: error:") and expected in lines[0], lines[0]
     assert "Traceback" not in out.err + out.out
+    assert "hunter2" not in out.err + out.out  # a secret in bad input is not echoed back
     # Nothing half-written: no run directory, no registered model.
     assert not (env["tmp"] / "runs").exists() or not [p for p in (env["tmp"] / "runs").iterdir() if p.name != "_ray"]
     assert not (env["tmp"] / "out").exists()
