@@ -77,30 +77,31 @@ def shape_counts(shape: dict) -> dict:
             "adapter": adapter, "kv_dim": kv}
 
 
-def activation_floor(shape: dict, seq: int, batch: int = 1) -> dict:
-    """Bytes of activations one step needs with per-layer checkpointing (bf16 compute):
-    the saved layer inputs, one layer's recomputed tensors during its backward, and the logits
-    (bf16 logits + fp32 log-probs that cross-entropy keeps for backward)."""
+def activation_floor(shape: dict, seq: int, batch: int = 1, b: int = 2) -> dict:
+    """Bytes of activations one step needs with per-layer checkpointing, computing in a `b`-byte
+    dtype: the saved layer inputs, one layer's recomputed tensors during its backward, and the
+    logits (b-byte logits + fp32 log-probs that cross-entropy keeps for backward)."""
     h, i, L, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     t = seq * batch
-    checkpoints = L * t * h * 2
+    checkpoints = L * t * h * b
     # norm in (fp32), q, k, v, attention out, o in, residual, norm2 in (fp32); gate, up, act, product, down in
-    one_layer = t * (2 * h * 2 + (h + 2 * kv + 3 * h) * 2 + 5 * i * 2)
-    logits = t * v * (2 + 4)
+    one_layer = t * (2 * h * 2 + (h + 2 * kv + 3 * h) * b + 5 * i * b) if b == 2 else t * (2 * h + 6 * h + 2 * kv + 5 * i) * 4
+    logits = t * v * (b + 4)
     return {"checkpoints": checkpoints, "one_layer_recompute": one_layer, "logits": logits,
             "total": checkpoints + one_layer + logits}
 
 
-def floors(shape: dict, seq: int) -> dict:
-    """Bytes each mode cannot do without (formulas in the JSON)."""
-    c, act = shape_counts(shape), activation_floor(shape, seq)["total"]
+def floors(shape: dict, seq: int, b: int = 2) -> dict:
+    """Bytes each mode cannot do without (formulas in the JSON), with `b`-byte (2: bf16, 4: fp32)
+    non-quantized parameters and activations."""
+    c, act = shape_counts(shape), activation_floor(shape, seq, b=b)["total"]
     adapter = c["adapter"] * (4 + 4 + 8)  # fp32 weights, grads, AdamW m and v
     return {
-        "qlora_nf4": c["quantized_linear"] * NF4_DQ_BITS / 8 + c["non_quantized"] * 2 + adapter + act,
-        "qlora_nf4_peft": c["quantized_linear"] * NF4_DQ_BITS / 8 + c["non_quantized"] * 2 + adapter + act,
-        "lora_bf16": c["total"] * 2 + adapter + act,
-        "full_bf16": c["total"] * (2 + 2 + 4) + act,  # weights, grads, AdamW m and v, all bf16
+        "qlora_nf4": c["quantized_linear"] * NF4_DQ_BITS / 8 + c["non_quantized"] * b + adapter + act,
+        "qlora_nf4_peft": c["quantized_linear"] * NF4_DQ_BITS / 8 + c["non_quantized"] * b + adapter + act,
+        "lora_bf16": c["total"] * b + adapter + act,
+        "full_bf16": c["total"] * (b + b + 2 * b) + act,  # weights, grads, AdamW m and v, all in the dtype
     }
 
 
@@ -108,7 +109,8 @@ FLOOR_FORMULA = (f"qlora: quantized_linear*{NF4_DQ_BITS}/8 + non_quantized*2 + a
                  "lora_bf16: total*2 + adapter*16 + activations; full_bf16: total*8 + activations. "
                  "adapter*16 = fp32 weight + grad + AdamW m, v. activations = L*S*H*2 (checkpointed layer inputs) "
                  "+ one layer's recompute S*(4H + 2(4H+2kv) + 10I) + logits S*V*(2 bf16 + 4 fp32 log-probs). "
-                 "qlora_nf4_peft uses the same floor as qlora_nf4 (its fp32 upcast is overhead, not need).")
+                 "qlora_nf4_peft uses the same floor as qlora_nf4 (its fp32 upcast is overhead, not need). "
+                 "With --dtype fp32 the 2-byte terms (non-quantized params, activations, logits) are 4 bytes.")
 
 
 # -- the child: one mode, one process -------------------------------------------------------
@@ -127,24 +129,25 @@ def tensor_bytes(model) -> dict:
     return {"by_dtype": by_dtype, "total": sum(by_dtype.values()), "trainable_params": trainable}
 
 
-def build(mode: str, path: str):
+def build(mode: str, path: str, dtype: str = "bf16"):
     import torch
 
     from lora import apply_lora, build_lora_config, load_base_model
 
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     if mode == "qlora_nf4_peft":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
+                                 bnb_4bit_compute_dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch_dtype,
                                                      device_map={"": "cpu"})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         return get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     quant = "nf4" if mode == "qlora_nf4" else "none"
-    model = load_base_model(path, dtype="bf16", quantization=quant, double_quant=True)
+    model = load_base_model(path, dtype=dtype, quantization=quant, double_quant=True)
     if mode == "full_bf16":
         model.requires_grad_(True)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -153,7 +156,7 @@ def build(mode: str, path: str):
     return apply_lora(model, lcfg, gradient_checkpointing=True)
 
 
-def child(mode: str, path: str, seq: int, steps: int, out: Path) -> None:
+def child(mode: str, path: str, seq: int, steps: int, out: Path, dtype: str = "bf16") -> None:
     """One mode's steps under the sampler; the JSON is rewritten after every phase, so a kill
     (timeout, OOM) still leaves the peaks measured so far."""
     sampler = RssSampler(0.01)
@@ -174,7 +177,7 @@ def child(mode: str, path: str, seq: int, steps: int, out: Path) -> None:
         out.write_text(json.dumps(result))
 
     t0 = time.perf_counter()
-    model = build(mode, path)
+    model = build(mode, path, dtype)
     model.config.use_cache = False
     result["load_s"] = time.perf_counter() - t0
     result["tensors"] = tensor_bytes(model)
@@ -205,7 +208,7 @@ def child(mode: str, path: str, seq: int, steps: int, out: Path) -> None:
 def run_mode(mode: str, path: Path, a, work: Path) -> dict:
     out = work / f"{mode}.json"
     cmd = [sys.executable, __file__, "--child", mode, "--model", str(path), "--seq", str(a.seq),
-           "--steps", str(a.steps), "--child-out", str(out)]
+           "--steps", str(a.steps), "--child-out", str(out), "--dtype", a.dtype]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=a.timeout)
@@ -260,22 +263,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mode")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="load/compute dtype of the non-quantized parameters and activations; fp32 on a CPU "
+                         "without fast bf16 GEMMs, where a bf16 1B backward does not finish in 40 min")
     ap.add_argument("--out", default=str(RESULTS / "qlora_memory.json"))
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        child(a.child, a.model, a.seq, a.steps, Path(a.child_out))
+        child(a.child, a.model, a.seq, a.steps, Path(a.child_out), a.dtype)
         return {}
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"--modes {bad} unknown; allowed: {', '.join(MODES)}")
 
-    shape, fl = SHAPES[a.size], floors(SHAPES[a.size], a.seq)
+    b = 2 if a.dtype == "bf16" else 4
+    shape, fl = SHAPES[a.size], floors(SHAPES[a.size], a.seq, b)
     report = header("qlora_memory", vars(a), 1)
-    report.update({"shape": shape, "counts": shape_counts(shape), "activation_floor": activation_floor(shape, a.seq),
+    report.update({"shape": shape, "counts": shape_counts(shape), "activation_floor": activation_floor(shape, a.seq, b=b),
                    "floor_formula": FLOOR_FORMULA, "floors_bytes": fl, "target": "qlora_nf4 peak_anon <= 1.3 x floor",
                    "modes": []})
     work = Path(tempfile.mkdtemp(prefix="lorapipe-bench-mem-"))

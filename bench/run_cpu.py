@@ -3,6 +3,7 @@
     python bench/run_cpu.py                          # everything at the sizes in bench/README.md
     python bench/run_cpu.py --only startup,levers    # a subset
     python bench/run_cpu.py --skip qlora_memory      # the 1B memory runs take minutes per mode
+    python bench/run_cpu.py --only tune_efficiency   # grid vs ASHA+TPE, real Tune searches
     python bench/run_cpu.py --quick                  # smallest sizes (what the smoke test runs)
 
 Each script runs in its own process (one torch thread for in-process timings), so a failure in
@@ -28,8 +29,13 @@ BENCHES = {
     "levers": (["--repeats", "2", "--steps", "5", "--warmup", "1", "--seq", "128", "--batch", "4"],
                ["--shape", "tiny", "--repeats", "1", "--steps", "2", "--warmup", "1", "--seq", "32", "--batch", "2"]),
     # The two modes the target is about; add lora_bf16,full_bf16 with --memory-modes (minutes each).
-    "qlora_memory": (["--size", "1b", "--seq", "256", "--steps", "1"],
+    # fp32: a bf16 backward of the 1B model does not finish within 40 min on this CPU (no fast bf16 GEMMs).
+    "qlora_memory": (["--size", "1b", "--seq", "256", "--steps", "1", "--dtype", "fp32"],
                      ["--size", "tiny", "--seq", "32", "--steps", "1"]),
+    # Real Tune searches through Ray: the longest of the set (~30-40 min here).
+    "tune_efficiency": (["--repeats", "3"],
+                        ["--max-steps", "8", "--grace", "4", "--samples", "3", "--repeats", "1",
+                         "--grid-lr-points", "2"]),
 }
 
 

@@ -80,7 +80,24 @@ def load_base_model(
         model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    if device == "cpu":
+        release_freed_heap()
     return model
+
+
+def release_freed_heap() -> None:
+    """Hand the heap pages that loading freed (16-bit copies quantized away, load buffers) back to
+    the OS. glibc keeps such fragments in its arenas, where the large activation and gradient
+    blocks of training cannot reuse them, so on CPU they stay resident for the whole run."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim this way
+        pass
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optional[str] = None):

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -301,14 +302,19 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
     marks["preflight_done"] = time.time()
 
     run_id = None
-    if cfg.mlflow.enabled:
-        tags = {"lorapipe.config": cfg.name, "lorapipe.version": lorapipe_version()}
-        if tune_trial_id:
-            tags["lorapipe.tune_trial_id"] = tune_trial_id
-        run_id = tracking.start_run(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name,
-                                    cfg.model_dump(mode="json"), tags, parent_run_id=parent_run_id)
-    ensure_ray(cfg)
-    warn_if_not_shared(cfg)
+    with ThreadPoolExecutor(1) as pool:
+        # The MLflow run is created while Ray starts: each costs seconds (imports, a new sqlite
+        # store's migrations; Ray's processes), and neither needs the other.
+        pending_run = None
+        if cfg.mlflow.enabled:
+            tags = {"lorapipe.config": cfg.name, "lorapipe.version": lorapipe_version()}
+            if tune_trial_id:
+                tags["lorapipe.tune_trial_id"] = tune_trial_id
+            pending_run = pool.submit(tracking.start_run, cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name,
+                                      cfg.model_dump(mode="json"), tags, parent_run_id=parent_run_id)
+        ensure_ray(cfg)
+        warn_if_not_shared(cfg)
+        run_id = pending_run.result() if pending_run else None
     marks["ray_ready"] = time.time()
     sink = ProgressSink.options(label_selector=driver_node_label()).remote()
     trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},

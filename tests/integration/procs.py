@@ -17,6 +17,21 @@ def session_pids(session: int) -> list[int]:
     return pids
 
 
+def wait_registered(run_path, name: str, timeout: float = 400) -> None:
+    """Until Ray Train's checkpoint manager has recorded checkpoint `name` under `run_path` (what a
+    restart resumes from; the directory itself can be complete on disk earlier)."""
+    import time
+    from pathlib import Path
+
+    snapshot = Path(run_path) / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if snapshot.is_file() and name in snapshot.read_text():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{name} not registered in {snapshot} after {timeout}s")
+
+
 def free_port() -> int:
     import socket
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from procs import wait_registered
 import torch
 from safetensors.torch import load_file
 
@@ -26,17 +27,6 @@ LORAPIPE = str(Path(sys.executable).with_name("lorapipe"))
 EXACT = ["model.quantization=none", "model.dtype=fp32", "lora.dropout=0.0", "train.max_steps=40",
          "train.checkpoint_every=4", "train.report_every=2", "train.eval_every=10", "run.max_failures=2"]
 STEPS = 40  # enough that a kill after checkpoint 4 or 8 lands well before the end, even on a quiet machine
-
-
-def _wait_registered(run_path: Path, name: str, timeout: float = 400) -> None:
-    """Until Ray Train's checkpoint manager has recorded `name` (what a restart resumes from)."""
-    snapshot = run_path / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if snapshot.is_file() and name in snapshot.read_text():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{name} not registered in {snapshot} after {timeout}s")
 
 
 def _train_workers_of_this_cluster() -> list[psutil.Process]:
@@ -59,7 +49,7 @@ def test_killed_driver_resumes_without_redoing_steps(tmp_path):
     proc = subprocess.Popen([LORAPIPE, "train", *args, "--no-progress"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     storage = tmp_path / "runs" / "_ray" / "interrupted"
-    _wait_registered(storage, "checkpoint_step_0000008")
+    wait_registered(storage, "checkpoint_step_0000008")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     time.sleep(2)
@@ -125,7 +115,7 @@ def test_killed_worker_is_replaced_and_result_matches_uninterrupted(ray_local, t
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run=train(cfg, progress=False)))
     thread.start()
-    _wait_registered(Path(cfg.storage_path()) / "faulty", "checkpoint_step_0000004")
+    wait_registered(Path(cfg.storage_path()) / "faulty", "checkpoint_step_0000004")
     workers = _train_workers_of_this_cluster()
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0].pid, signal.SIGKILL)

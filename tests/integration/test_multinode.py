@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import session_pids
+from procs import session_pids, wait_registered
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_registered(run_path: Path, name: str, timeout: float = 400) -> None:
-    snapshot = run_path / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if snapshot.is_file() and name in snapshot.read_text():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{name} not registered in {snapshot} after {timeout}s")
 
 
 def run_on_cluster(tmp: Path) -> dict:
@@ -86,7 +76,7 @@ def run_on_cluster(tmp: Path) -> dict:
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(run=train(cfg, progress=False)))
         thread.start()
-        _wait_registered(tmp / "shared" / "node_loss", "checkpoint_step_0000004")
+        wait_registered(tmp / "shared" / "node_loss", "checkpoint_step_0000004")
         before = worker_nodes_alive()
         victim = next(n for n in nodes if n.node_id in before)
         cluster.remove_node(victim, allow_graceful=False)

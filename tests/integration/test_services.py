@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def test_mlflow_outage_mid_run_then_sync_and_no_planted_secret_anywhere(tmp_path
         while not _reported_steps(server.uri, name) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.3)
         logged_before_outage = _reported_steps(server.uri, name)
-        server.stop()  # the tracking server goes away mid-run and stays away until training ends
+        server.stop(signal.SIGKILL)  # the tracking server dies mid-run and stays away until training ends
         out, err = proc.communicate(timeout=900)
         outputs.update({"train stdout": out, "train stderr": err})
         assert proc.returncode == 0, err[-3000:]
