@@ -98,17 +98,17 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
 def backfill_metrics(uri: str, run_id: str, history: list[dict]) -> list[int]:
     """Log every history entry whose step the MLflow run lacks (rank 0 could not reach the server
     when it happened). Never raises; returns the steps still missing (empty: all logged)."""
-    pending = [int(m["step"]) for m in history]
+    missing = [int(m["step"]) for m in history]
     try:
-        c = client(uri)
-        have = {m.step for m in c.get_metric_history(run_id, "train_loss")}
-        pending = [s for s in pending if s not in have]
-        for m in [m for m in history if int(m["step"]) in set(pending)]:
-            log_metrics(uri, run_id, m, int(m["step"]))
-            pending.remove(int(m["step"]))
+        have = {m.step for m in client(uri).get_metric_history(run_id, "train_loss")}
+        missing = [step for step in missing if step not in have]
+        for m in history:
+            if int(m["step"]) in missing:
+                log_metrics(uri, run_id, m, int(m["step"]))
+                missing.remove(int(m["step"]))
     except Exception as e:
-        log.warning("MLflow unreachable (%s): %d steps not backfilled", type(e).__name__, len(pending))
-    return pending
+        log.warning("MLflow unreachable (%s): %d steps not backfilled", type(e).__name__, len(missing))
+    return missing
 
 
 def finalize_run(uri: str, run_id: str, history: list[dict], final: dict) -> list[int]:
