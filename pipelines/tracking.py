@@ -87,6 +87,22 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     return run.info.run_id
 
 
+def run_id_of(pending, timeout: Optional[float] = None) -> Optional[str]:
+    """The id a `train.start_tracking` task returned; None (with a warning) when there is no such
+    task or it could not create the run. Training never fails because tracking did."""
+    if pending is None:
+        return None
+    import ray
+
+    try:
+        return ray.get(pending, timeout=timeout)
+    except Exception as e:
+        cause = getattr(e, "cause", None) or e
+        log.warning("MLflow run not created (%s: %s)", type(cause).__name__, str(cause).splitlines()[0][:200]
+                    if str(cause) else "")
+        return None
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     from mlflow.entities import Metric
 

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -104,6 +103,7 @@ def ensure_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    local_cluster_env_defaults()
     needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     # Logical CPUs may exceed physical cores: Ray then sets torch threads from the share.
     # The dashboard stays on: Ray Train's placement-group cleaner asks the state API (served by
@@ -111,6 +111,16 @@ def ensure_ray(cfg: RunConfig) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",
              configure_logging=True, logging_level="WARNING")
+
+
+def local_cluster_env_defaults() -> None:
+    """Ray Train helpers a one-machine cluster that lorapipe starts and stops itself has no use for,
+    each one more Python process started in series before the first step (about a second apiece
+    on 2 cores): the preemption watcher (it polls for nodes being drained; this node is not) and
+    Ray Train's Prometheus metrics export (nothing scrapes a throw-away cluster). Set either
+    variable to 1 to keep it."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
 def warn_if_not_shared(cfg: RunConfig) -> None:
@@ -135,6 +145,26 @@ def ray_train_env_defaults() -> None:
     start-up (a new process importing torch, transformers, DeepSpeed) can exceed Ray's 60 s
     default on a busy machine, which would fail the run instead of waiting."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+
+
+def start_tracking(cfg: RunConfig, tune_trial_id: Optional[str], parent_run_id: Optional[str]):
+    """Create the run's MLflow run in a Ray task (None when MLflow is off): its imports and a new
+    store's migrations cost seconds of CPU, which then run beside Ray Train's controller start-up
+    instead of in front of it. The task runs on the driver's node, where a sqlite/file store lives;
+    rank 0 and the driver resolve the ref with `tracking.run_id_of`."""
+    import ray
+
+    from pipelines import tracking
+
+    if not cfg.mlflow.enabled:
+        return None
+    tags = {"lorapipe.config": cfg.name, "lorapipe.version": lorapipe_version()}
+    if tune_trial_id:
+        tags["lorapipe.tune_trial_id"] = tune_trial_id
+    task = ray.remote(num_cpus=0, max_retries=0)(tracking.start_run)
+    return task.options(label_selector=driver_node_label()).remote(
+        cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name, cfg.model_dump(mode="json"), tags,
+        parent_run_id=parent_run_id)
 
 
 def driver_node_label() -> dict:
@@ -301,28 +331,18 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
         fingerprint, data_stats = dataset_fingerprint(cfg.data, None), {}
     marks["preflight_done"] = time.time()
 
-    run_id = None
-    with ThreadPoolExecutor(1) as pool:
-        # The MLflow run is created while Ray starts: each costs seconds (imports, a new sqlite
-        # store's migrations; Ray's processes), and neither needs the other.
-        pending_run = None
-        if cfg.mlflow.enabled:
-            tags = {"lorapipe.config": cfg.name, "lorapipe.version": lorapipe_version()}
-            if tune_trial_id:
-                tags["lorapipe.tune_trial_id"] = tune_trial_id
-            pending_run = pool.submit(tracking.start_run, cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name,
-                                      cfg.model_dump(mode="json"), tags, parent_run_id=parent_run_id)
-        ensure_ray(cfg)
-        warn_if_not_shared(cfg)
-        run_id = pending_run.result() if pending_run else None
+    ensure_ray(cfg)
+    warn_if_not_shared(cfg)
     marks["ray_ready"] = time.time()
+    pending_run = start_tracking(cfg, tune_trial_id, parent_run_id)
     sink = ProgressSink.options(label_selector=driver_node_label()).remote()
-    trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+    trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run": pending_run},
                             [ForwardMetrics(sink), *(callbacks or [])])
     try:
         with live_progress(sink, cfg.train.max_steps, cfg.run.name, enabled=progress):
             result = trainer.fit()
     except Exception:
+        run_id = tracking.run_id_of(pending_run, timeout=30)
         if run_id:
             try:
                 tracking.finish_run(cfg.tracking_uri(), run_id, "FAILED")
@@ -331,6 +351,7 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
         raise
     finally:
         ray.kill(sink)
+    run_id = tracking.run_id_of(pending_run)
     extra = {"tune_trial_id": tune_trial_id, "mlflow_run_id": run_id, "ray_run_path": result.path,
              "checkpoint": result.checkpoint.path}
     with result.checkpoint.as_directory() as ckpt:
@@ -338,4 +359,7 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
                                       data_stats=data_stats, extra=extra, marks=marks)
     if run_id:
         report_unlogged(out, tracking.finalize_run(cfg.tracking_uri(), run_id, out.history(), out.metrics()))
+    elif pending_run is not None:
+        print(f"warning: no MLflow run was created for {cfg.run.name}: training went on untracked. Its metrics are "
+              f"in {out.path / 'history.jsonl'}; `lorapipe register {out.path}` records it in MLflow.")
     return out

@@ -208,7 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from lora import load_tokenizer
     from pipelines.data import MicroBatches, eval_batches, prepare_data, shard
-    from pipelines.tracking import MetricsLogger
+    from pipelines.tracking import MetricsLogger, run_id_of
 
     marks = {"worker_start": time.time()}  # start-up breakdown, reported once
     cfg = RunConfig.model_validate(loop_config["config"])
@@ -239,7 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # One quick attempt per report: MetricsLogger retries later itself, so MLflow's own HTTP
         # retries (seconds of backoff each) would only stall training while the server is away.
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    logger = MetricsLogger(loop_config.get("mlflow_run_id"), cfg.tracking_uri()) if rank == 0 else None
+    logger = MetricsLogger(run_id_of(loop_config.get("mlflow_run")), cfg.tracking_uri()) if rank == 0 else None
 
     tr = cfg.train
     window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "seconds": 0.0}

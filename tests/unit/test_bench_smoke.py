@@ -83,11 +83,19 @@ def test_bare_loop_trains_on_packed_batches(small_llama_dir, tmp_path):
     a = argparse.Namespace(steps=3, warmup=1, seq=32, batch=2)
     cfg = eff.run_config(small_llama_dir, tmp_path / "runs", "smoke", a)
     assert cfg.scaling.num_workers == 1 and cfg.deepspeed.stage == 2 and cfg.data.packing
-    assert cfg.train.eval_every == cfg.train.checkpoint_every == cfg.train.report_every == a.steps
+    assert cfg.train.eval_every == cfg.train.checkpoint_every == a.steps and cfg.train.report_every == a.warmup
     batches, collate_s = eff.bare_batches(cfg, a.steps)
     assert all(int(b["attention_mask"].sum()) == a.seq * a.batch for b in batches)  # packed: no padding
     r = eff.bare_run(cfg, batches, a.warmup)
     assert r["tokens_per_s"] > 0 and r["step_s"]["n"] == a.steps - a.warmup and collate_s > 0
+
+
+def test_lorapipe_steady_state_leaves_out_the_first_report_window():
+    eff = load("pipeline_efficiency")
+    # window 1 (warm-up): 100 tokens in 1 s; windows 2 and 3: 100 tokens in 0.5 s and 100 in 0.25 s
+    history = [{"tokens": 100, "tokens_per_s": 100.0}, {"tokens": 200, "tokens_per_s": 200.0},
+               {"tokens": 300, "tokens_per_s": 400.0}]
+    assert eff.steady_tokens_per_s(history) == pytest.approx(200 / 0.75)
 
 
 def test_levers_child_counts_real_tokens(small_llama_dir, tmp_path):
