@@ -81,8 +81,20 @@ def load_base_model(
     for p in model.parameters():
         p.requires_grad_(False)
     if device == "cpu":
+        if quantization != "none":
+            keep_4bit_weights_unpacked(model)
         release_freed_heap()
     return model
+
+
+def keep_4bit_weights_unpacked(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place, in a CPU-only
+    layout, the first time it runs in eval mode without grad. Merging (dequantize) and DeepSpeed's
+    checkpoint save then read that layout as NF4 and fail or go wrong (merge parity off by ~2 in
+    the logits; "packed_weight should be [N, K/2]"). Keep the standard layout everywhere."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def release_freed_heap() -> None:
