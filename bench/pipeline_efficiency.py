@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -63,8 +62,7 @@ def lorapipe_run(cfg) -> dict:
     from pipelines.train import train
 
     run = train(cfg, progress=False)
-    m = json.loads((Path(run.path) / "metrics.json").read_text())
-    history = run.history()
+    m, history = run.metrics(), run.history()
     return {"tokens_per_s": steady_tokens_per_s(history), "tokens_per_s_all_steps": m["tokens_per_s"],
             "window_tokens_per_s": [h["tokens_per_s"] for h in history], "tokens": m["tokens"],
             "train_steps": m["train_steps"], "startup": m.get("startup", {})}
@@ -148,7 +146,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "pipeline_efficiency.json"))
     ap.add_argument("--png", default=None, help="default: --out with .png")
     a = ap.parse_args(argv)
-    if a.steps <= a.warmup or a.steps % a.warmup:
+    if a.warmup < 1 or a.steps <= a.warmup or a.steps % a.warmup:
         ap.error(f"--steps {a.steps} must be a multiple of --warmup {a.warmup} above it (lorapipe reports "
                  "every --warmup steps and its first window is the warm-up)")
 
