@@ -103,6 +103,78 @@ def single_thread_env() -> dict:
             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
+class RayHead:
+    """A `ray start --head` on 127.0.0.1 with token auth, in a process session and temp dir of its
+    own (so stopping it kills exactly its processes, never a global `ray stop`). `env()` is what a
+    client process needs to find it the way `lorapipe train` does: RAY_TMPDIR (where `ray start`
+    records the machine's cluster) and the token."""
+
+    def __init__(self, num_cpus: int):
+        import secrets
+        import tempfile
+
+        self.num_cpus = num_cpus
+        self.tmp = Path(tempfile.mkdtemp(prefix="lpray-"))  # short: socket paths must stay < 108 chars
+        self.token = secrets.token_hex(32)
+        self.session = None
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        return {**env, "RAY_TMPDIR": str(self.tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def __enter__(self) -> "RayHead":
+        import subprocess
+
+        ray_bin = Path(sys.executable).with_name("ray")
+        cmd = [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--num-cpus={self.num_cpus}", f"--temp-dir={self.tmp / 'ray'}", "--disable-usage-stats",
+               f"--port={free_port()}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}"]
+        proc = subprocess.Popen(cmd, env=self.env(), start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.session = proc.pid
+        out, _ = proc.communicate(timeout=240)
+        if proc.returncode != 0:
+            self.__exit__()
+            raise RuntimeError(f"ray start failed:\n{out[-3000:]}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+        import signal
+
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            for pid in session_pids(self.session):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while session_pids(self.session) and time.time() < deadline:
+                time.sleep(0.5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_pids(session) -> list[int]:
+    """PIDs of every live process in process session `session`."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if session is not None and os.getsid(int(entry)) == session:
+                pids.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
 def save_llama(out: Path, *, hidden: int, layers: int, heads: int, intermediate: int, seed: int = 0) -> Path:
     """A random-init fp32 Llama with the builtin model's tokenizer, saved as safetensors + tokenizer."""
     from lora import tiny

@@ -8,9 +8,10 @@ the tokens over the timed windows (forward+backward+step, and collating each bat
 worker does inside its window) after the first report, i.e. the same steps the bare loop counts.
 The bare loop runs in this process with one torch thread on pre-collated batches and times the
 steps after `--warmup`. Runs are interleaved (bare, lorapipe, bare, ...) so drifting CPU
-contention hits both alike. Also reported: lorapipe with every step counted (metrics.json).
+contention hits both alike, after one untimed lorapipe run that starts the local Ray both then
+share the machine with. Also reported: lorapipe with every step counted (metrics.json).
 
-    python bench/pipeline_efficiency.py --repeats 3 --steps 24 --warmup 4 --seq 128 --batch 2
+    python bench/pipeline_efficiency.py --repeats 5 --steps 24 --warmup 4 --seq 128 --batch 2
     python bench/pipeline_efficiency.py --shape tiny --repeats 1 --steps 3 --warmup 1 --seq 32 --batch 2
 
 Builtin assets go to a fresh $LORAPIPE_HOME in a temp directory, so a stale cache cannot change the data.
@@ -33,11 +34,11 @@ from common import RESULTS, ROOT, SHAPE_20M, header, param_count, save_llama, sa
 SHAPES = {"20m": SHAPE_20M, "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256)}
 
 
-def run_config(model_dir: Path, out_dir: Path, name: str, a):
+def run_config(model_dir: Path, out_dir: Path, name: str, a, steps: int | None = None):
     """tiny-cpu.yaml with the overrides that make lorapipe and the bare loop comparable."""
     from pipelines.config_loader import load_config
 
-    s = a.steps
+    s = steps or a.steps
     return load_config(ROOT / "configs" / "tiny-cpu.yaml", [
         f"model.path={model_dir}", "model.quantization=none", "model.dtype=fp32",
         "scaling.num_workers=1", "scaling.cpus_per_worker=1", "deepspeed.stage=2",
@@ -163,6 +164,10 @@ def main(argv=None) -> dict:
         model_dir = save_llama(work / "model", **SHAPES[a.shape])
         n_params = param_count(model_dir)
         batches, collate_s = bare_batches(run_config(model_dir, work / "runs", "probe", a), a.steps)
+        # Untimed: starts the local Ray both loops then share the machine with (its processes settle
+        # in the first minute) and pays one-off costs (DeepSpeed's op build), so that no timed run
+        # meets a different machine state than the others.
+        lorapipe_run(run_config(model_dir, work / "runs", "eff-warmup", a, steps=2 * a.warmup))
         bare, lp = [], []
         for i in range(a.repeats):
             cfg = run_config(model_dir, work / "runs", f"eff-{i}", a)

@@ -22,10 +22,10 @@ from common import RESULTS, ROOT, single_thread_env  # noqa: E402
 
 # name -> (full arguments, --quick arguments)
 BENCHES = {
-    "pipeline_efficiency": (["--repeats", "3", "--steps", "24", "--warmup", "4", "--seq", "128", "--batch", "2"],
+    "pipeline_efficiency": (["--repeats", "5", "--steps", "24", "--warmup", "4", "--seq", "128", "--batch", "2"],
                             ["--shape", "tiny", "--repeats", "1", "--steps", "3", "--warmup", "1", "--seq", "32",
                              "--batch", "2"]),
-    "startup": (["--repeats", "2"], ["--repeats", "1", "--max-steps", "2"]),
+    "startup": (["--repeats", "3"], ["--repeats", "1", "--max-steps", "2", "--cluster", "own"]),
     "levers": (["--repeats", "2", "--steps", "5", "--warmup", "1", "--seq", "128", "--batch", "4"],
                ["--shape", "tiny", "--repeats", "1", "--steps", "2", "--warmup", "1", "--seq", "32", "--batch", "2"]),
     # The two modes the target is about; add lora_bf16,full_bf16 with --memory-modes (minutes each).

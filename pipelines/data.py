@@ -1,14 +1,15 @@
 """Data: load rows with `datasets`, validate them, tokenize with response-only labels, truncate,
 optionally pack, split train/eval with a seed, shard per worker, and form padded micro batches.
 
-Every worker runs the same deterministic pipeline and keeps its own shard, so no data moves
-between processes; the driver runs it once first so bad data fails before Ray starts.
+The driver runs the pipeline once first, so bad data fails before Ray starts. Small prepared
+data then travels to the workers through Ray's object store (`shippable`); larger data is
+prepared again by each worker with the same deterministic pipeline, keeping only its shard.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,12 +24,29 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
+# Prepared data up to this size is shipped from the driver to the workers (one copy in the object
+# store) instead of each worker loading and tokenizing the whole dataset again; above it, the
+# driver's copy would cost more memory than the workers' repeated work costs time.
+SHIP_LIMIT_BYTES = 256 << 20
+
+
 @dataclass
 class PreparedData:
     train: Any  # datasets.Dataset with input_ids, labels
     eval: Any
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
+    pad_id: int = 0  # the tokenizer's pad token: all a worker needs of the tokenizer
+
+
+def shippable(data: PreparedData, limit: int = SHIP_LIMIT_BYTES) -> Optional[PreparedData]:
+    """`data` with both splits as in-memory tables, so it pickles whole into Ray's object store and
+    reaches workers on any node, or None when it is bigger than `limit`. As prepared, the splits
+    are memory-mapped cache files on the driver's disk, which would pickle as mere paths."""
+    if data.train.data.nbytes + data.eval.data.nbytes > limit:
+        return None
+    return replace(data, train=data.train.flatten_indices(keep_in_memory=True),
+                   eval=data.eval.flatten_indices(keep_in_memory=True))
 
 
 def _check_jsonl(path: Path) -> None:
@@ -200,7 +218,7 @@ def prepare_data(data_cfg, tokenizer, seed: int) -> PreparedData:
                             "lower data.max_seq_len or add data")
     stats = {"rows": len(raw), "rows_kept": len(kept), "rows_truncated": truncated,
              "rows_dropped_no_labels": len(raw) - len(kept), "train_examples": len(train), "eval_examples": len(evl)}
-    return PreparedData(train=train, eval=evl, stats=stats, fingerprint=fingerprint)
+    return PreparedData(train=train, eval=evl, stats=stats, fingerprint=fingerprint, pad_id=tokenizer.pad_token_id)
 
 
 def shard(ds, world_size: int, rank: int):

@@ -103,6 +103,13 @@ def ensure_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    running = running_local_cluster()
+    if running:
+        # ray.init() would join it anyway, and refuses sizing arguments for a cluster it joins.
+        print(f"ray: joining the cluster already running on this machine at {running} (`ray stop` ends it)")
+        ray.init(log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",  # address found as above
+                 configure_logging=True, logging_level="WARNING")
+        return
     local_cluster_env_defaults()
     needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     # Logical CPUs may exceed physical cores: Ray then sets torch threads from the share.
@@ -111,6 +118,20 @@ def ensure_ray(cfg: RunConfig) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",
              configure_logging=True, logging_level="WARNING")
+
+
+def running_local_cluster() -> Optional[str]:
+    """The address of a cluster started on this machine with `ray start --head` (the one Ray's own
+    `ray.init()` joins when RAY_ADDRESS is unset), or None. Joining it skips Ray's start-up and
+    reuses its long-lived helpers: the warm start a real cluster gives."""
+    from ray._private import services  # the lookup ray.init() itself uses; no public equivalent
+
+    try:
+        address = services.canonicalize_bootstrap_address(None)
+    except (ValueError, ConnectionError):
+        return None
+    # The address file outlives a head that was killed rather than stopped: require its GCS alive.
+    return address if address and address in services.find_gcs_addresses() else None
 
 
 def local_cluster_env_defaults() -> None:
@@ -165,6 +186,18 @@ def start_tracking(cfg: RunConfig, tune_trial_id: Optional[str], parent_run_id: 
     return task.options(label_selector=driver_node_label()).remote(
         cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name, cfg.model_dump(mode="json"), tags,
         parent_run_id=parent_run_id)
+
+
+def ship_data(data):
+    """A ref to the prepared data in Ray's object store, for the workers, or None (no preflight
+    here, or too big to ship: workers then prepare it themselves). Saves each worker loading the
+    tokenizer and tokenizing the whole dataset again: seconds of start-up, on every restart too."""
+    import ray
+
+    from pipelines.data import shippable
+
+    small = shippable(data) if data is not None else None
+    return ray.put(small) if small is not None else None
 
 
 def driver_node_label() -> dict:
@@ -324,6 +357,7 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if run_dir.exists():
         raise UserError(f"run directory {run_dir} already exists; set run.name=... to a new name")
+    data = None
     if preflight_checks:
         data = preflight(cfg)
         fingerprint, data_stats = data.fingerprint, data.stats
@@ -336,8 +370,8 @@ def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str]
     marks["ray_ready"] = time.time()
     pending_run = start_tracking(cfg, tune_trial_id, parent_run_id)
     sink = ProgressSink.options(label_selector=driver_node_label()).remote()
-    trainer = build_trainer(cfg, {"config": cfg.model_dump(mode="json"), "mlflow_run": pending_run},
-                            [ForwardMetrics(sink), *(callbacks or [])])
+    loop_config = {"config": cfg.model_dump(mode="json"), "mlflow_run": pending_run, "data": ship_data(data)}
+    trainer = build_trainer(cfg, loop_config, [ForwardMetrics(sink), *(callbacks or [])])
     try:
         with live_progress(sink, cfg.train.max_steps, cfg.run.name, enabled=progress):
             result = trainer.fit()

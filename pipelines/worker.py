@@ -1,7 +1,7 @@
 """The per-worker training loop, top to bottom: data -> model -> DeepSpeed -> resume -> loop.
 
 Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (the resolved
-config as a dict, the MLflow run id); no module globals. Every worker calls `ray.train.report` at
+config as a dict, refs to the MLflow run id and to the driver's prepared data); no module globals. Every worker calls `ray.train.report` at
 the same steps (it is a barrier); rank 0 alone writes the replicated files (adapter, state,
 config) and talks to MLflow, while DeepSpeed writes one optimizer shard per rank.
 """
@@ -202,12 +202,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def worker_data(cfg: RunConfig, shipped):
+    """The prepared data: the driver's copy from Ray's object store when it shipped one (it
+    prepared the data anyway, in preflight), else the same deterministic preparation here."""
+    if shipped is not None:
+        import ray
+
+        return ray.get(shipped)
+    from lora import load_tokenizer
+    from pipelines.data import prepare_data
+
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
+    return prepare_data(cfg.data, tokenizer, cfg.seed)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from lora import load_tokenizer
-    from pipelines.data import MicroBatches, eval_batches, prepare_data, shard
+    from pipelines.data import MicroBatches, eval_batches, shard
     from pipelines.tracking import MetricsLogger, run_id_of
 
     marks = {"worker_start": time.time()}  # start-up breakdown, reported once
@@ -218,12 +231,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed_everything(cfg.seed)
 
     # Data: the same deterministic split on every worker, then this worker's shard.
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
-    data = prepare_data(cfg.data, tokenizer, cfg.seed)
-    train_batches = MicroBatches(shard(data.train, world, rank), cfg.train.micro_batch_size, cfg.seed,
-                                 tokenizer.pad_token_id)
+    data = worker_data(cfg, loop_config.get("data"))
+    train_batches = MicroBatches(shard(data.train, world, rank), cfg.train.micro_batch_size, cfg.seed, data.pad_id)
     eval_set = eval_batches(shard(data.eval, world, rank), cfg.train.micro_batch_size, cfg.train.eval_batches,
-                            len(data.eval), world, tokenizer.pad_token_id)
+                            len(data.eval), world, data.pad_id)
     marks["data_ready"] = time.time()
 
     # Model and engine: identical LoRA init on every rank (same seed), then DeepSpeed.

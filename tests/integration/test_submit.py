@@ -33,6 +33,7 @@ class Head:
     address: str
     token: str
     session: int
+    tmp: Path  # RAY_TMPDIR under which `ray start` recorded this head as the machine's cluster
 
 
 def _free_port() -> int:
@@ -77,7 +78,7 @@ def ray_head():
         out, _ = proc.communicate(timeout=240)
         if proc.returncode != 0:
             pytest.fail(f"ray start failed:\n{out[-3000:]}")
-        head = Head(f"http://127.0.0.1:{dash}", token, session)
+        head = Head(f"http://127.0.0.1:{dash}", token, session, tmp)
         deadline = time.time() + 60
         while time.time() < deadline:  # the dashboard's job module comes up after `ray start` returns
             try:
@@ -239,3 +240,24 @@ def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
     assert "needs a token" in err
     err = one_line_error(lorapipe(ray_head, "jobs", "list", "--address", ray_head.address, token="0" * 64))
     assert "refused the token" in err
+
+
+def train_workers_on(head: Head) -> int:
+    """How many Ray Train worker processes this head has run (their logs say what they were)."""
+    logs = head.tmp / "ray" / "session_latest" / "logs"
+    return sum(":actor_name:RayTrainWorker" in f.read_text(errors="replace") for f in logs.glob("worker-*.out"))
+
+
+def test_train_joins_the_cluster_running_on_this_machine(ray_head, tmp_path):
+    """With a `ray start` head up (and RAY_ADDRESS unset), `lorapipe train` joins it, as ray.init()
+    would, instead of failing on sizing arguments or starting a second cluster; the head stays up."""
+    before = train_workers_on(ray_head)
+    r = lorapipe(ray_head, "train", "configs/tiny-cpu.yaml", "train.max_steps=3", "train.eval_every=3",
+                 "train.checkpoint_every=3", "train.report_every=3", "train.warmup_steps=0", "data.max_examples=120",
+                 f"run.output_dir={tmp_path / 'runs'}", "mlflow.enabled=false", "run.name=joined", "--no-progress",
+                 extra_env={"RAY_TMPDIR": str(ray_head.tmp)}, timeout=420)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert re.search(r"ray: joining the cluster already running on this machine at \S+:\d+ ", r.stdout), r.stdout
+    assert json.loads((tmp_path / "runs" / "joined" / "metrics.json").read_text())["train_steps"] == 3
+    assert train_workers_on(ray_head) == before + 2  # the run's two workers ran on the head
+    assert requests.get(f"{ray_head.address}/api/jobs/", headers=_auth(ray_head), timeout=10).ok

@@ -18,6 +18,7 @@ from pipelines.data import (
     load_raw_dataset,
     prepare_data,
     shard,
+    shippable,
     tokenize_dataset,
 )
 from pipelines.errors import UserError
@@ -288,6 +289,35 @@ def test_max_examples_caps_the_rows(tiny_tokenizer, write_jsonl):
     path = write_jsonl(alpaca_rows(20))
     prepared = prepare_data(cfg(path, max_seq_len=128, max_examples=8, eval_fraction=0.25), tiny_tokenizer, seed=0)
     assert prepared.stats["rows"] == 8 and prepared.stats["train_examples"] + prepared.stats["eval_examples"] == 8
+
+
+# --------------------------------------------------------------------------- shipping to workers
+@pytest.mark.parametrize("packing", [False, True])
+def test_shipped_data_pickles_whole_and_equals_what_a_worker_would_prepare(tiny_tokenizer, write_jsonl, packing):
+    """What travels through Ray's object store must carry the rows themselves (as prepared, the
+    splits are memory-mapped cache files: they pickle as paths that another node lacks)."""
+    import pickle
+
+    path = write_jsonl(alpaca_rows(60))
+    data = cfg(path, max_seq_len=48, eval_fraction=0.2, packing=packing)
+    prepared = prepare_data(data, tiny_tokenizer, seed=5)
+    shipped = shippable(prepared)
+    assert shipped is not None and shipped.pad_id == tiny_tokenizer.pad_token_id
+    blob = pickle.dumps(shipped)
+    tokens = sum(len(r) for split in (prepared.train, prepared.eval) for r in split["input_ids"])
+    assert len(blob) > 2 * 4 * tokens  # input_ids and labels, 4+ bytes a token: the data, not a path
+    received = pickle.loads(blob)
+    again = prepare_data(data, tiny_tokenizer, seed=5)  # what each worker computed before
+    for split in ("train", "eval"):
+        assert getattr(received, split)["input_ids"] == getattr(again, split)["input_ids"]
+        assert getattr(received, split)["labels"] == getattr(again, split)["labels"]
+    assert ids_of(shard(received.train, 2, 1)) == ids_of(shard(again.train, 2, 1))
+    assert (received.stats, received.fingerprint) == (prepared.stats, prepared.fingerprint)
+
+
+def test_data_over_the_ship_limit_stays_with_the_workers(tiny_tokenizer, write_jsonl):
+    prepared = prepare_data(cfg(write_jsonl(alpaca_rows(20)), max_seq_len=48, eval_fraction=0.2), tiny_tokenizer, 0)
+    assert shippable(prepared, limit=100) is None
 
 
 # --------------------------------------------------------------------------- micro batches
