@@ -1,4 +1,8 @@
-"""QLoRA memory on the CPU: peak anonymous and total RSS of one training step on a ~1B Llama, vs a floor.
+"""QLoRA memory on the CPU: peak anonymous and total RSS over training steps on a ~1B Llama, vs a floor.
+
+Run several steps (`--steps 4` in `make bench`): the first step's peak misses the AdamW states
+(created by its optimizer step) and the allocator's fragmentation, which on CPU keeps growing the
+peak for the first few steps before it settles.
 
 Modes (each in its own child process, so peaks never mix):
   qlora_nf4       lorapipe: lora.load_base_model(dtype='bf16', quantization='nf4', double quant) + lora.apply_lora
@@ -251,7 +255,8 @@ def plot(report: dict, path: Path) -> None:
     ax.bar([i + 0.27 for i in x], [gib(r["peak_rss"]) for r in rows], 0.27, label="peak RSS", color="#a73")
     ax.set_xticks(list(x), [r["mode"] for r in rows], fontsize=8)
     ax.set_ylabel("GiB")
-    ax.set_title(f"{report['settings']['size']} Llama, 1 step, seq {report['settings']['seq']}, grad ckpt", fontsize=9)
+    st = report["settings"]
+    ax.set_title(f"{st['size']} Llama, peak over {st['steps']} step(s), seq {st['seq']}, grad ckpt", fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 

@@ -30,7 +30,7 @@ BENCHES = {
                ["--shape", "tiny", "--repeats", "1", "--steps", "2", "--warmup", "1", "--seq", "32", "--batch", "2"]),
     # The two modes the target is about; add lora_bf16,full_bf16 with --memory-modes (minutes each).
     # fp32: a bf16 backward of the 1B model does not finish within 40 min on this CPU (no fast bf16 GEMMs).
-    "qlora_memory": (["--size", "1b", "--seq", "256", "--steps", "1", "--dtype", "fp32"],
+    "qlora_memory": (["--size", "1b", "--seq", "256", "--steps", "4", "--dtype", "fp32"],
                      ["--size", "tiny", "--seq", "32", "--steps", "1"]),
     # Real Tune searches through Ray: the longest of the set (~30-40 min here).
     "tune_efficiency": (["--repeats", "3"],

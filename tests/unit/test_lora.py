@@ -4,6 +4,8 @@ moves only the adapter. Tiny Llamas (hidden 64, 2 layers), fp32 compute, CPU bit
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +114,41 @@ def test_load_base_nf4_packs_linears_in_4_bit(small_llama_dir):
     assert all(not p.requires_grad for p in model.parameters())
     # The output head and embeddings stay full precision.
     assert model.lm_head.weight.dtype == torch.float32
+
+
+FREED_BLOCK_PROBE = """
+import sys
+from pathlib import Path
+import torch
+from lora.base import load_base_model
+
+def anon():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+load_base_model(sys.argv[1], dtype="fp32", quantization=sys.argv[2])
+block = 2 * 2**20  # 8 MiB of fp32: an activation of a model with hidden sizes in the thousands
+first = torch.ones(block); del first  # glibc's dynamic threshold would now rise to this size
+before = anon()
+a = torch.ones(block); b = torch.ones(1024)  # b keeps a off the heap's top, where a free is trimmed
+del a
+print(anon() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tunables")
+def test_cpu_qlora_returns_freed_large_blocks_to_the_os(small_llama_dir):
+    """After a 4-bit CPU load, a freed 8 MiB block leaves the process (it was mapped, not carved
+    from the heap); after a 16-bit load glibc's default keeps it resident, which is what made the
+    1B QLoRA step's peak grow step after step (bench/qlora_memory.py)."""
+    def retained(quantization: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FREED_BLOCK_PROBE, str(small_llama_dir), quantization],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert retained("nf4") < 1 << 20
+    assert retained("none") > 6 << 20
 
 
 def test_missing_model_path_raises_lora_input_error(tmp_path):
