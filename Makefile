@@ -12,13 +12,20 @@ install: $(STAMP)
 
 # torch goes in first: an unpinned torch pulled in by another package would be a multi-GB CUDA
 # build. Where a CUDA driver is present the default (CUDA) wheel is what we want instead.
-# deepspeed compiles against the installed torch, so it is built without isolation.
+# deepspeed compiles against the installed torch, so it is built without isolation. On CPU its
+# communication backend loads a shared-memory op at every start: built here (about a minute),
+# else the first training run would JIT-compile it (30 s before its first step, and a C++
+# compiler needed at run time). --no-cache-dir: a cached wheel built without the op would win.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==$(TORCH_VER); fi
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
+	  $(BIN)/pip install -q torch && \
+	  DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed; \
+	else \
+	  $(BIN)/pip install -q torch==$(TORCH_VER) && \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation --no-cache-dir deepspeed; \
+	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

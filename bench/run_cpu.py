@@ -22,7 +22,7 @@ from common import RESULTS, ROOT, single_thread_env  # noqa: E402
 
 # name -> (full arguments, --quick arguments)
 BENCHES = {
-    "pipeline_efficiency": (["--repeats", "5", "--steps", "24", "--warmup", "4", "--seq", "128", "--batch", "2"],
+    "pipeline_efficiency": (["--repeats", "5", "--steps", "48", "--warmup", "4", "--seq", "128", "--batch", "2"],
                             ["--shape", "tiny", "--repeats", "1", "--steps", "3", "--warmup", "1", "--seq", "32",
                              "--batch", "2"]),
     "startup": (["--repeats", "3"], ["--repeats", "1", "--max-steps", "2", "--cluster", "own"]),

@@ -114,6 +114,7 @@ def test_bad_input_is_one_line_exit_2(env, capsys, argv_of, expected):
     # Nothing half-written: no run directory, no registered model.
     assert not (env["tmp"] / "runs").exists() or not [p for p in (env["tmp"] / "runs").iterdir() if p.name != "_ray"]
     assert not (env["tmp"] / "out").exists()
+    assert not (env["tmp"] / "mlflow.db").exists()  # no MLflow run either (nor the store it would go in)
 
 
 def test_catalogue_is_large_enough():
