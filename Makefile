@@ -14,7 +14,7 @@ install: $(STAMP)
 # build. Where a CUDA driver is present the default (CUDA) wheel is what we want instead.
 # deepspeed compiles against the installed torch, so it is built without isolation. On CPU its
 # communication backend loads a shared-memory op at every start: built here (about a minute),
-# else the first training run would JIT-compile it (30 s before its first step, and a C++
+# else the first training run would JIT-compile it (~35 s before its first step, and a C++
 # compiler needed at run time). --no-cache-dir: a cached wheel built without the op would win.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
