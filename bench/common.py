@@ -105,7 +105,8 @@ def single_thread_env() -> dict:
 
 class RayHead:
     """A `ray start --head` on 127.0.0.1 with token auth, in a process session and temp dir of its
-    own (so stopping it kills exactly its processes, never a global `ray stop`). `env()` is what a
+    own (so stopping it kills exactly its processes, never a global `ray stop`). Also the head of
+    the Jobs API tests (tests/integration/test_submit.py). `env()` is what a
     client process needs to find it the way `lorapipe train` does: RAY_TMPDIR (where `ray start`
     records the machine's cluster) and the token."""
 
@@ -116,20 +117,29 @@ class RayHead:
         self.num_cpus = num_cpus
         self.tmp = Path(tempfile.mkdtemp(prefix="lpray-"))  # short: socket paths must stay < 108 chars
         self.token = secrets.token_hex(32)
+        self.dashboard_port = free_port()
         self.session = None
+
+    @property
+    def address(self) -> str:
+        """The dashboard (Jobs API) address: what `lorapipe submit --address` takes."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-        return {**env, "RAY_TMPDIR": str(self.tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        # The token comes from the environment, so ~/.ray/auth_token is neither read nor written;
+        # PATH: submitted jobs run `lorapipe` from this venv.
+        return {**env, "RAY_TMPDIR": str(self.tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def __enter__(self) -> "RayHead":
         import subprocess
 
         ray_bin = Path(sys.executable).with_name("ray")
         cmd = [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               f"--num-cpus={self.num_cpus}", f"--temp-dir={self.tmp / 'ray'}", "--disable-usage-stats",
-               f"--port={free_port()}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}"]
+               "--include-dashboard=true", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.tmp / 'ray'}",
+               "--disable-usage-stats", f"--port={free_port()}", f"--dashboard-port={self.dashboard_port}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
         proc = subprocess.Popen(cmd, env=self.env(), start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self.session = proc.pid

@@ -11,7 +11,7 @@ steps after `--warmup`. Runs are interleaved (bare, lorapipe, bare, ...) so drif
 contention hits both alike, after one untimed lorapipe run that starts the local Ray both then
 share the machine with. Also reported: lorapipe with every step counted (metrics.json).
 
-    python bench/pipeline_efficiency.py --repeats 5 --steps 24 --warmup 4 --seq 128 --batch 2
+    python bench/pipeline_efficiency.py --repeats 5 --steps 48 --warmup 4 --seq 128 --batch 2
     python bench/pipeline_efficiency.py --shape tiny --repeats 1 --steps 3 --warmup 1 --seq 32 --batch 2
 
 Builtin assets go to a fresh $LORAPIPE_HOME in a temp directory, so a stale cache cannot change the data.

@@ -1,9 +1,10 @@
 """The per-worker training loop, top to bottom: data -> model -> DeepSpeed -> resume -> loop.
 
 Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (the resolved
-config as a dict, refs to the MLflow run id and to the driver's prepared data); no module globals. Every worker calls `ray.train.report` at
-the same steps (it is a barrier); rank 0 alone writes the replicated files (adapter, state,
-config) and talks to MLflow, while DeepSpeed writes one optimizer shard per rank.
+config as a dict, refs to the MLflow run id and to the driver's prepared data); no module
+globals. Every worker calls `ray.train.report` at the same steps (it is a barrier); rank 0 alone
+writes the replicated files (adapter, state, config) and talks to MLflow, while DeepSpeed writes
+one optimizer shard per rank.
 """
 from __future__ import annotations
 

@@ -3,25 +3,19 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 
-
-def session_pids(session: int) -> list[int]:
-    """PIDs of every live process in `session` (so teardown kills only what the test started)."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(entry)) == session:
-                pids.append(int(entry))
-        except (ProcessLookupError, PermissionError):
-            pass
-    return pids
+# One implementation for the benchmarks and the tests: a Ray head in a session of its own, the
+# processes of a session, a free local port.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from common import RayHead, free_port, session_pids  # noqa: E402,F401
 
 
 def wait_registered(run_path, name: str, timeout: float = 400) -> None:
     """Until Ray Train's checkpoint manager has recorded checkpoint `name` under `run_path` (what a
     restart resumes from; the directory itself can be complete on disk earlier)."""
     import time
-    from pathlib import Path
 
     snapshot = Path(run_path) / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
@@ -30,14 +24,6 @@ def wait_registered(run_path, name: str, timeout: float = 400) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"{name} not registered in {snapshot} after {timeout}s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

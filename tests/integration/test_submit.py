@@ -6,19 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from procs import session_pids
+from procs import RayHead, free_port, session_pids
 import requests
 
 pytestmark = pytest.mark.integration
@@ -28,57 +22,9 @@ SECRET = "hf_not_for_printing_4242"
 SUBMITTED: list[str] = []
 
 
-@dataclass
-class Head:
-    address: str
-    token: str
-    session: int
-    tmp: Path  # RAY_TMPDIR under which `ray start` recorded this head as the machine's cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_session(session: int, grace_s: float = 15.0) -> None:
-    """SIGTERM every process of the head's session (gcs, raylet, dashboard, workers), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in session_pids(session):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while session_pids(session) and time.time() < deadline:
-            time.sleep(0.5)
-        if not session_pids(session):
-            return
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    tmp = Path(tempfile.mkdtemp(prefix="lpray-"))  # short: Ray's socket paths must stay < 108 chars
-    token = secrets.token_hex(32)
-    dash = _free_port()
-    # The token comes from the environment, so ~/.ray/auth_token is neither read nor written.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(name, None)
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    session = proc.pid
-    try:
-        out, _ = proc.communicate(timeout=240)
-        if proc.returncode != 0:
-            pytest.fail(f"ray start failed:\n{out[-3000:]}")
-        head = Head(f"http://127.0.0.1:{dash}", token, session, tmp)
+    with RayHead(num_cpus=4) as head:
         deadline = time.time() + 60
         while time.time() < deadline:  # the dashboard's job module comes up after `ray start` returns
             try:
@@ -88,19 +34,15 @@ def ray_head():
                 pass
             time.sleep(1)
         yield head
-    finally:
-        proc.kill() if proc.poll() is None else None
-        _kill_session(session)
-        leftover = session_pids(session)
-        shutil.rmtree(tmp, ignore_errors=True)
-        assert not leftover, f"Ray processes left behind: {leftover}"
+    leftover = session_pids(head.session)
+    assert not leftover, f"Ray processes left behind: {leftover}"
 
 
-def _auth(head: Head) -> dict:
+def _auth(head: RayHead) -> dict:
     return {"Authorization": f"Bearer {head.token}"}
 
 
-def lorapipe(head: Head, *args: str, token: str | None = "head", extra_env: dict | None = None,
+def lorapipe(head: RayHead, *args: str, token: str | None = "head", extra_env: dict | None = None,
              timeout: float = 180) -> subprocess.CompletedProcess:
     """Run the CLI as a user would: a fresh process, an explicit environment."""
     env = {k: v for k, v in os.environ.items()
@@ -112,13 +54,13 @@ def lorapipe(head: Head, *args: str, token: str | None = "head", extra_env: dict
                           cwd=Path(__file__).resolve().parents[2])
 
 
-def job_status(head: Head, job_id: str) -> str:
+def job_status(head: RayHead, job_id: str) -> str:
     r = requests.get(f"{head.address}/api/jobs/{job_id}", headers=_auth(head), timeout=10)
     r.raise_for_status()
     return r.json()["status"]
 
 
-def wait_for(head: Head, job_id: str, statuses: tuple[str, ...], timeout: float) -> str:
+def wait_for(head: RayHead, job_id: str, statuses: tuple[str, ...], timeout: float) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = job_status(head, job_id)
@@ -227,7 +169,7 @@ def test_unknown_job_and_unreachable_cluster_are_one_line_errors(ray_head):
     for action in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
         err = one_line_error(lorapipe(ray_head, "jobs", *action, "raysubmit_nosuchjob", "--address", ray_head.address))
         assert "no job 'raysubmit_nosuchjob'" in err
-    err = one_line_error(lorapipe(ray_head, "jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}"))
+    err = one_line_error(lorapipe(ray_head, "jobs", "list", "--address", f"http://127.0.0.1:{free_port()}"))
     assert "cannot reach the Ray dashboard" in err
 
 
@@ -242,7 +184,7 @@ def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
     assert "refused the token" in err
 
 
-def train_workers_on(head: Head) -> int:
+def train_workers_on(head: RayHead) -> int:
     """How many Ray Train worker processes this head has run (their logs say what they were)."""
     logs = head.tmp / "ray" / "session_latest" / "logs"
     return sum(":actor_name:RayTrainWorker" in f.read_text(errors="replace") for f in logs.glob("worker-*.out"))
