@@ -143,7 +143,11 @@ class RayHead:
         proc = subprocess.Popen(cmd, env=self.env(), start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self.session = proc.pid
-        out, _ = proc.communicate(timeout=240)
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            self.__exit__()  # a hung `ray start` must not leave its half-started head behind
+            raise
         if proc.returncode != 0:
             self.__exit__()
             raise RuntimeError(f"ray start failed:\n{out[-3000:]}")
