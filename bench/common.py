@@ -192,7 +192,7 @@ def session_pids(session) -> list[int]:
 def save_llama(out: Path, *, hidden: int, layers: int, heads: int, intermediate: int, seed: int = 0) -> Path:
     """A random-init fp32 Llama with the builtin model's tokenizer, saved as safetensors + tokenizer."""
     from lora import tiny
-    from pipelines.builtin import tokenizer_corpus
+    from pipelines.data.builtin import tokenizer_corpus
 
     # The builtin tokenizer's trainer (word-level now, char-level before): the demo data's own.
     train_tokenizer = getattr(tiny, "train_word_tokenizer", None) or getattr(tiny, "train_char_tokenizer")

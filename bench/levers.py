@@ -25,8 +25,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, SHAPE_20M, RssSampler, gib, header, param_count, save_llama,  # noqa: E402
-                    save_figure, single_thread_env, spread, write_json)
+from common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    SHAPE_20M,
+    RssSampler,
+    gib,
+    header,
+    param_count,
+    save_figure,
+    save_llama,
+    single_thread_env,
+    spread,
+    write_json,
+)
 
 SHAPES = {"20m": SHAPE_20M, "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256)}
 CONFIGS = {"pad_nockpt": (False, False), "pack_nockpt": (True, False), "pack_ckpt": (True, True)}
@@ -38,13 +50,13 @@ def child(name: str, model_dir: str, a, out: Path) -> None:
     torch.set_num_threads(1)
 
     from lora import apply_lora, build_lora_config, load_base_model, load_tokenizer
-    from pipelines.builtin import materialize_demo_tasks
-    from pipelines.config import DataConfig
-    from pipelines.data import MicroBatches, prepare_data, shard
+    from pipelines.config.schema import DataSection
+    from pipelines.data.builtin import materialize_demo_tasks
+    from pipelines.data.prepare import MicroBatches, prepare_data, shard
 
     packing, ckpt = CONFIGS[name]
     tok = load_tokenizer(model_dir)
-    dcfg = DataConfig(path=str(materialize_demo_tasks("reverse", 2000, 0)), max_seq_len=a.seq, packing=packing)
+    dcfg = DataSection(path=str(materialize_demo_tasks("reverse", 2000, 0)), max_seq_len=a.seq, packing=packing)
     data = prepare_data(dcfg, tok, 0)
     mb = MicroBatches(shard(data.train, 1, 0), a.batch, 0, tok.pad_token_id)
     batches = [mb[i] for i in range(a.steps)]

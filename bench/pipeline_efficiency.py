@@ -2,7 +2,7 @@
 
 Same model (a ~20M-parameter Llama built from config, fp32 safetensors), same packed
 builtin:demo-tasks batches (every batch has seq*batch tokens), same LoRA config, AdamW, clipping
-and schedule. lorapipe runs through the driver `pipelines.train.train(cfg)` (Ray Train, one
+and schedule. lorapipe runs through the driver `pipelines.train.driver.train(cfg)` (Ray Train, one
 worker with one CPU, DeepSpeed ZeRO-2) and reports every `--warmup` steps; its steady state is
 the tokens over the timed windows (forward+backward+step, and collating each batch, which the
 worker does inside its window) after the first report, i.e. the same steps the bare loop counts.
@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, SHAPE_20M, header, param_count, save_llama, save_figure, spread, write_json  # noqa: E402
+from common import RESULTS, ROOT, SHAPE_20M, header, param_count, save_figure, save_llama, spread, write_json  # noqa: E402
 
 SHAPES = {"20m": SHAPE_20M, "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256)}
 
 
 def run_config(model_dir: Path, out_dir: Path, name: str, a, steps: int | None = None):
     """tiny-cpu.yaml with the overrides that make lorapipe and the bare loop comparable."""
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
 
     s = steps or a.steps
     return load_config(ROOT / "configs" / "tiny-cpu.yaml", [
@@ -60,7 +60,7 @@ def steady_tokens_per_s(history: list[dict]) -> float:
 
 
 def lorapipe_run(cfg) -> dict:
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     run = train(cfg, progress=False)
     m, history = run.metrics(), run.history()
@@ -72,8 +72,8 @@ def lorapipe_run(cfg) -> dict:
 def bare_batches(cfg, steps: int):
     """The micro batches a single lorapipe worker trains on, collated up front (and the time it took)."""
     from lora import load_tokenizer
-    from pipelines.builtin import resolve_builtins
-    from pipelines.data import MicroBatches, prepare_data, shard
+    from pipelines.data.builtin import resolve_builtins
+    from pipelines.data.prepare import MicroBatches, prepare_data, shard
 
     cfg = resolve_builtins(cfg)
     tok = load_tokenizer(cfg.model.path)
@@ -183,9 +183,9 @@ def main(argv=None) -> dict:
         except Exception:
             pass
 
-    pairs = [l["tokens_per_s"] / b["tokens_per_s"] for b, l in zip(bare, lp)]
+    pairs = [ln["tokens_per_s"] / b["tokens_per_s"] for b, ln in zip(bare, lp)]
     bare_med = statistics.median(b["tokens_per_s"] for b in bare)
-    lp_med = statistics.median(l["tokens_per_s"] for l in lp)
+    lp_med = statistics.median(ln["tokens_per_s"] for ln in lp)
     step_s = statistics.median(b["step_s"]["median"] for b in bare)
     report = header("pipeline_efficiency", vars(a), 1)
     report.update({
@@ -194,11 +194,11 @@ def main(argv=None) -> dict:
         "bare": {"tokens_per_s": spread(b["tokens_per_s"] for b in bare),
                  "tokens_per_s_all_steps": spread(b["tokens_per_s_all_steps"] for b in bare),
                  "step_s_median": step_s, "runs": bare},
-        "lorapipe": {"tokens_per_s": spread(l["tokens_per_s"] for l in lp),
-                     "tokens_per_s_all_steps": spread(l["tokens_per_s_all_steps"] for l in lp), "runs": lp},
+        "lorapipe": {"tokens_per_s": spread(ln["tokens_per_s"] for ln in lp),
+                     "tokens_per_s_all_steps": spread(ln["tokens_per_s_all_steps"] for ln in lp), "runs": lp},
         "ratio_lorapipe_over_bare": lp_med / bare_med,
         "ratio_per_pair": spread(pairs),
-        "ratio_all_steps": (statistics.median(l["tokens_per_s_all_steps"] for l in lp)
+        "ratio_all_steps": (statistics.median(ln["tokens_per_s_all_steps"] for ln in lp)
                             / statistics.median(b["tokens_per_s_all_steps"] for b in bare)),
         "target_ratio": 0.95,
         "collate_s_per_batch": collate_s,

@@ -50,8 +50,8 @@ def breakdown(popen_at: float, run_dir: Path) -> dict:
 
 def warm_builtins(config: Path, home: Path) -> None:
     """Materialise the config's builtin model and data, as a previous run would have."""
-    from pipelines.builtin import resolve_builtins
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
+    from pipelines.data.builtin import resolve_builtins
 
     os.environ["LORAPIPE_HOME"] = str(home)
     resolve_builtins(load_config(config))

@@ -1,6 +1,6 @@
 """Search efficiency: exhaustive grid vs ASHA + Optuna TPE on the same search space.
 
-Both searches are real `lorapipe tune` runs (pipelines.tune.tune: one Ray Train run per trial, 1
+Both searches are real `lorapipe tune` runs (pipelines.tune.search.tune: one Ray Train run per trial, 1
 worker, 2 trials at a time on this 2-core box) over the tiny preset's space: LoRA rank {4, 8, 16},
 alpha/rank {1, 2}, learning rate log-uniform [1e-3, 2e-2] (3 grid points: 18 grid trials). The grid
 trains every trial to max_steps; ASHA+TPE samples `--samples` trials and stops weak ones at rungs.
@@ -32,7 +32,7 @@ TARGET_LOSS_GAP, TARGET_STEP_SHARE = 0.02, 0.35
 def search_config(work: Path, a, *, grid: bool, search_seed: int):
     """configs/tiny-cpu-tune.yaml with a longer run (so early stopping has steps to save), an eval
     at every rung, and the method's search settings; no MLflow (not what is measured)."""
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
 
     rung = a.grace
     common = [f"run.output_dir={work / 'runs'}", f"run.storage_path={work / 'ray'}", "mlflow.enabled=false",
@@ -48,7 +48,7 @@ def search_config(work: Path, a, *, grid: bool, search_seed: int):
 
 
 def run_search(cfg) -> dict:
-    from pipelines.tune import tune
+    from pipelines.tune.search import tune
 
     t0 = time.time()
     result = tune(cfg, progress=False)

@@ -1,7 +1,7 @@
 """Where pipeline_efficiency's gap comes from: the same step without Ray, in one process.
 
 Same ~19M Llama, LoRA config, batches and torch AdamW as bench/pipeline_efficiency.py, one torch
-thread: the bare PEFT loop vs lorapipe's own model + DeepSpeed engine (pipelines.worker
+thread: the bare PEFT loop vs lorapipe's own model + DeepSpeed engine (pipelines.train.worker
 build_model/build_engine) at ZeRO stage 0 and stage 2 (gloo, world size 1). Median step seconds
 after warm-up, methods interleaved over repeats.
 
@@ -24,7 +24,7 @@ from common import RESULTS, SHAPE_20M, header, save_llama, spread, write_json  #
 def engine_step_s(cfg, batches: list, stage: int, warmup: int) -> float:
     import torch
 
-    from pipelines.worker import build_engine, build_model
+    from pipelines.train.worker import build_engine, build_model
 
     cfg = cfg.model_copy(deep=True)
     cfg.deepspeed.stage = stage

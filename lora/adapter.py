@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Sequence, Union
 
-import torch
 from torch import nn
 
 from lora.errors import LoraInputError
@@ -38,6 +37,16 @@ def targeted_linears(model: nn.Module, target_modules: Union[str, Sequence[str]]
     return found
 
 
+def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """The names, or an error listing the model's linear layers when one is not among them."""
+    available = linear_module_names(model)
+    missing = [t for t in target_modules if t not in available]
+    if missing:
+        raise LoraInputError(
+            f"lora.target_modules {missing} not in the model; its linear layers are: {', '.join(available)}")
+    return list(target_modules)
+
+
 def build_lora_config(
     model: nn.Module,
     *,
@@ -53,12 +62,7 @@ def build_lora_config(
     from peft import LoraConfig
 
     if target_modules != "all-linear":
-        available = linear_module_names(model)
-        missing = [t for t in target_modules if t not in available]
-        if missing:
-            raise LoraInputError(
-                f"lora.target_modules {missing} not in the model; its linear layers are: {', '.join(available)}")
-        target_modules = list(target_modules)
+        target_modules = check_target_modules(model, target_modules)
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -104,10 +108,6 @@ def apply_lora(model: nn.Module, lora_config, *, gradient_checkpointing: bool = 
     if trainable != expected:
         raise RuntimeError(f"PEFT made {trainable} trainable parameters, the shape formula says {expected}")
     return peft_model
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_adapter(peft_model, out_dir: Union[str, Path], state_dict: dict | None = None) -> Path:

@@ -6,6 +6,9 @@ import os
 import sys
 from typing import Callable, Optional
 
+from pipelines.core.cliargs import IntermixedParser, add_config_parser
+from pipelines.core.defaults import default_tracking_uri
+
 
 def _quiet_libraries() -> None:
     # DeepSpeed/transformers chatter drowns the one line a user needs; keep warnings only.
@@ -33,24 +36,8 @@ def _has_cuda() -> bool:
         return False
 
 
-class IntermixedParser(argparse.ArgumentParser):
-    """Lets options sit between CONFIG and the overrides (`train cfg k=v --no-progress k2=v2`):
-    plain argparse fills a `nargs="*"` positional only up to the first option and rejects the rest."""
-
-    _intermixing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._intermixing:  # parse_known_intermixed_args calls back in here
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
-
-
 def cmd_validate(args) -> int:
-    from pipelines.config_loader import dump_config, load_config
+    from pipelines.config.load import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
@@ -61,43 +48,61 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipelines.config_loader import load_config
-    from pipelines.report import print_train_summary
-    from pipelines.train import train
-
-    from pipelines.plan import preflight as plan_verdict
+    from pipelines.config.load import load_config
+    from pipelines.plan.verdict import fit_verdict
+    from pipelines.train.driver import train
+    from pipelines.train.report import print_train_summary
 
     cfg = load_config(args.config, args.overrides)
     if args.resume:
-        from pipelines.train import config_to_resume
-
-        cfg = config_to_resume(args.resume)
-    print(plan_verdict(cfg, force=args.force))  # refuses a plan that does not fit unless --force
+        cfg = config_for_resume(cfg, args)
+    print(fit_verdict(cfg, force=args.force))  # refuses a plan that does not fit unless --force
     run = train(cfg, progress=not args.no_progress)
     print_train_summary(run)
     return 0
 
 
+def config_for_resume(cfg, args):
+    """An interrupted run continues exactly as it was configured (its saved config): overrides
+    would silently not apply, so they are refused, and CONFIG must name the same config."""
+    from pipelines.core.errors import UserError
+    from pipelines.train.driver import config_to_resume
+
+    if args.overrides:
+        raise UserError(f"--resume continues {args.resume} with its saved config; overrides "
+                        f"({' '.join(args.overrides)}) cannot be applied to a run in progress")
+    saved = config_to_resume(args.resume)
+    if saved.name != cfg.name:
+        raise UserError(f"--resume {args.resume} is a run of config {saved.name!r}, not {cfg.name!r} ({args.config})")
+    print(f"resuming run {saved.run.name} with its saved config (the values in {args.config} are not re-read)")
+    return saved
+
+
 def cmd_tune(args) -> int:
-    from pipelines.config_loader import load_config
-    from pipelines.report import print_tune_summary
-    from pipelines.tune import tune
+    from pipelines.config.load import load_config
+    from pipelines.plan.verdict import fit_verdict
+    from pipelines.tune.report import print_tune_summary
+    from pipelines.tune.search import tune
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.tune:
-        from pipelines.errors import UserError
+        from pipelines.core.errors import UserError
 
         raise UserError(f"{args.config} has no tune: section (see configs/tiny-cpu-tune.yaml)")
+    print(fit_verdict(cfg, force=args.force))
     result = tune(cfg, progress=not args.no_progress, resume=args.resume)
     print_tune_summary(result)
     return 0
 
 
 def cmd_pipeline(args) -> int:
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
     from pipelines.pipeline import run_pipeline
+    from pipelines.plan.verdict import fit_verdict
 
-    outcome = run_pipeline(load_config(args.config, args.overrides), progress=not args.no_progress)
+    cfg = load_config(args.config, args.overrides)
+    print(fit_verdict(cfg, force=args.force))
+    outcome = run_pipeline(cfg, progress=not args.no_progress)
     for line in outcome.lines:
         print(line)
     print(f"run directory: {outcome.run_path}")
@@ -105,7 +110,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from pipelines.merge import merge_run
+    from pipelines.registry.merge import merge_run
 
     report = merge_run(args.run_dir, args.out_dir, onto=args.onto)
     diff = report.get("max_abs_logit_diff")
@@ -114,14 +119,8 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _tracking_uri(explicit: Optional[str]) -> str:
-    from pathlib import Path
-
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
 def cmd_register(args) -> int:
-    from pipelines.registry import register_run
+    from pipelines.registry.register import register_run
 
     reg = register_run(args.run_dir, name=args.name, tracking_uri=args.tracking_uri)
     verb = "registered" if reg.created else "already registered (nothing new)"
@@ -131,11 +130,11 @@ def cmd_register(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    from pipelines import tracking
-    from pipelines.errors import UserError
-    from pipelines.registry import reachable
-    from pipelines.rundir import RunDir
-    from pipelines.secrets import redact_uri
+    from pipelines.core.errors import UserError
+    from pipelines.core.secrets import redact_uri
+    from pipelines.registry.register import reachable
+    from pipelines.tracking import runs as tracking
+    from pipelines.train.rundir import RunDir
 
     run = RunDir.open(args.run_dir)
     run_id = run.lineage().get("mlflow_run_id")
@@ -152,11 +151,11 @@ def cmd_sync(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from pipelines.registry import Gate, promote
+    from pipelines.registry.register import Gate, promote
 
     gate = Gate(args.metric, args.mode, args.margin) if args.metric else None
     result = promote(args.name, args.version, args.alias, force=args.force, reason=args.reason,
-                     tracking_uri=_tracking_uri(args.tracking_uri), gate=gate)
+                     tracking_uri=default_tracking_uri(args.tracking_uri), gate=gate)
     print(result.message, file=sys.stdout if result.promoted else sys.stderr)
     return 0 if result.promoted else 1
 
@@ -165,13 +164,13 @@ def cmd_registry(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.registry import describe_model, list_models
+    from pipelines.registry.register import describe_model, list_models
 
     if args.action == "show" and not args.name:
-        from pipelines.errors import UserError
+        from pipelines.core.errors import UserError
 
         raise UserError("registry show needs a NAME")
-    uri = _tracking_uri(args.tracking_uri)
+    uri = default_tracking_uri(args.tracking_uri)
     rows = list_models(uri) if args.action == "list" else describe_model(args.name, uri)
     table = Table(title=args.name or "registered models")
     for col in (rows[0].keys() if rows else ["name"]):
@@ -194,10 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help: str, fn: Callable) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
-        sp.__class__ = IntermixedParser  # add_parser has no per-parser class argument
-        sp.add_argument("config", help="YAML config (see configs/)")
-        sp.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.lr=1e-4")
+        sp = add_config_parser(sub, name, help)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -206,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
     t.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says it does not fit")
     t.add_argument("--resume", metavar="STORAGE_PATH",
-                   help="continue an interrupted run from its latest checkpoint (e.g. runs/_ray/<run name>)")
+                   help="continue an interrupted run from its latest checkpoint (e.g. runs/_ray/<run name>), "
+                        "with the config saved in it; overrides are refused")
 
     mg = sub.add_parser("merge", help="dequantize-then-merge a run's adapter -> HF safetensors model")
     mg.add_argument("run_dir")
@@ -246,17 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     tn = with_config("tune", "Ray Tune search -> trial run dirs, best config YAML, plot", cmd_tune)
     tn.add_argument("--resume", action="store_true", help="continue a search whose driver died")
     tn.add_argument("--no-progress", action="store_true")
+    tn.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says a trial does not fit")
     pl = with_config("pipeline", "tune (if configured) -> train best -> register -> promote", cmd_pipeline)
     pl.add_argument("--no-progress", action="store_true")
+    pl.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says it does not fit")
 
-    from pipelines.plan import add_plan_arguments, cmd_plan
+    from pipelines.plan.verdict import add_plan_arguments, cmd_plan
 
     pn = sub.add_parser("plan", help="predict memory per GPU, step time and cost from the config alone")
     pn.__class__ = IntermixedParser
     add_plan_arguments(pn)
     pn.set_defaults(fn=cmd_plan)
 
-    from pipelines.submit import add_submit_commands
+    from pipelines.cluster.submit import add_submit_commands
 
     add_submit_commands(sub)
 
@@ -270,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     _quiet_libraries()
     from lora import LoraInputError
-    from pipelines.errors import UserError
+    from pipelines.core.errors import UserError
 
     args = build_parser().parse_args(argv)
     if args.command not in ("validate", "plan", "jobs", "registry", "promote", "sync"):

@@ -27,17 +27,17 @@ def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
     from transformers import get_scheduler
 
     from lora import load_base_model, load_tokenizer
-    from pipelines.builtin import materialize_demo_tasks, materialize_tiny_llama
-    from pipelines.config import DataConfig
-    from pipelines.data import MicroBatches, prepare_data
-    from pipelines.rundir import write_atomic_dir
+    from pipelines.config.schema import DataSection
+    from pipelines.core.files import write_dir_atomic
+    from pipelines.data.builtin import materialize_demo_tasks, materialize_tiny_llama
+    from pipelines.data.prepare import MicroBatches, prepare_data
 
     if (out / "config.json").is_file():
         return out
     init = materialize_tiny_llama(seed=seed)
     tokenizer = load_tokenizer(str(init))
     data_path = materialize_demo_tasks("generic", 8000, seed + 1)
-    data = prepare_data(DataConfig(path=str(data_path), format="alpaca", max_seq_len=64), tokenizer, seed)
+    data = prepare_data(DataSection(path=str(data_path), format="alpaca", max_seq_len=64), tokenizer, seed)
     model = load_base_model(str(init), dtype="fp32")
     model.requires_grad_(True).train()
     torch.manual_seed(seed)
@@ -60,13 +60,13 @@ def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
         tokenizer.save_pretrained(str(d))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic_dir(out, fill)
+    return write_dir_atomic(out, fill)
 
 
 def compare_base_and_adapter(run, rows: list[dict]) -> dict:
     """Eval loss and exact match of the base as trained (4-bit) vs base + adapter."""
     from lora import load_adapter, load_base_model, load_tokenizer
-    from pipelines.evaluate import exact_match
+    from pipelines.eval.generation import exact_match
 
     cfg = run.config()
     m = cfg.model
@@ -83,10 +83,10 @@ def _eval_loss(model, tokenizer, rows: list[dict]) -> float:
     """Token-mean loss on the responses of `rows` (prompt tokens masked, as in training)."""
     import torch
 
-    from pipelines.config import DataConfig
-    from pipelines.data import collate, render_row, tokenize_row
+    from pipelines.config.schema import DataSection
+    from pipelines.data.prepare import collate, render_row, tokenize_row
 
-    cfg = DataConfig(path="-", format="alpaca", max_seq_len=128)
+    cfg = DataSection(path="-", format="alpaca", max_seq_len=128)
     encoded = [tokenize_row(*render_row(r, i + 1, cfg, tokenizer), tokenizer, cfg.max_seq_len) for i, r in enumerate(rows)]
     total, count = 0.0, 0
     with torch.no_grad():
@@ -113,10 +113,10 @@ def print_before_after(result: dict, task: str) -> None:
 def run_demo(workdir: str = ".demo", quick: bool = False) -> int:
     import torch
 
-    from pipelines.builtin import demo_rows
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
+    from pipelines.data.builtin import demo_rows
     from pipelines.pipeline import register_and_promote
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     started = time.time()
     root = Path(workdir).resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipelines.config import RunConfig
+from pipelines.config.schema import PipelineConfig
 
 
 @dataclass
@@ -18,7 +18,7 @@ class PipelineOutcome:
 
 
 def register_and_promote(run, tracking_uri: Optional[str] = None) -> PipelineOutcome:
-    from pipelines.registry import promote, register_run
+    from pipelines.registry.register import promote, register_run
 
     uri = tracking_uri or run.config().tracking_uri()
     reg = register_run(run.path, tracking_uri=uri)
@@ -30,11 +30,11 @@ def register_and_promote(run, tracking_uri: Optional[str] = None) -> PipelineOut
     return PipelineOutcome(str(run.path), merged, reg.merged_version, champ.promoted, lines)
 
 
-def run_pipeline(cfg: RunConfig, progress: bool = True) -> PipelineOutcome:
-    from pipelines.train import train
+def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> PipelineOutcome:
+    from pipelines.train.driver import train
 
     if cfg.tune:
-        from pipelines.tune import tune
+        from pipelines.tune.search import tune
 
         search = tune(cfg, progress=progress)
         cfg = search.best_config_for_training()

@@ -83,7 +83,7 @@ def tiny_tokenizer():
     """The word-level tokenizer the builtin model uses (with the tiny chat template).
     Session-scoped: do not mutate it; build your own with lora.tiny.train_word_tokenizer."""
     from lora.tiny import train_word_tokenizer
-    from pipelines.builtin import tokenizer_corpus
+    from pipelines.data.builtin import tokenizer_corpus
 
     return train_word_tokenizer(tokenizer_corpus())
 
@@ -104,8 +104,8 @@ def small_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def builtin_tiny_llama_dir(tmp_path_factory) -> Path:
-    """The exact builtin:tiny-llama (pipelines.builtin.TINY_SHAPE), materialised in a tmp dir."""
-    from pipelines.builtin import materialize_tiny_llama
+    """The exact builtin:tiny-llama (pipelines.data.builtin.TINY_SHAPE), materialised in a tmp dir."""
+    from pipelines.data.builtin import materialize_tiny_llama
 
     return materialize_tiny_llama(root=tmp_path_factory.mktemp("builtin"))
 

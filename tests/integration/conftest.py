@@ -1,4 +1,5 @@
-"""Integration fixtures: a real local Ray per module (multi-node tests start their own cluster), a per-test sqlite MLflow store."""
+"""Integration fixtures: a real local Ray per module (multi-node tests start their own cluster),
+a per-test sqlite MLflow store."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ def ray_local():
 @pytest.fixture
 def tiny_config(tmp_path):
     """The tiny CPU preset pointed at tmp_path for outputs and MLflow, small and fast."""
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
 
     def make(*overrides: str):
         return load_config("configs/tiny-cpu.yaml", [

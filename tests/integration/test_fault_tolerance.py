@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from procs import wait_registered
 import torch
+from procs import wait_registered
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def test_killed_driver_resumes_without_redoing_steps(tmp_path):
                                                 (storage / "checkpoint_manager_snapshot.json").read_text()))
     assert registered < STEPS
     # A newer checkpoint directory without its marker (what a kill mid-upload leaves) is never taken.
-    from pipelines.train import latest_complete_checkpoint
+    from pipelines.train.checkpoint import latest_complete_checkpoint
 
     torn = storage / f"checkpoint_step_{registered + 2:07d}"
     shutil.copytree(storage / f"checkpoint_step_{registered:07d}", torn)
@@ -67,7 +67,7 @@ def test_killed_driver_resumes_without_redoing_steps(tmp_path):
     out = subprocess.run([LORAPIPE, "train", "configs/tiny-cpu.yaml", "--resume", str(storage), "--no-progress"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    from pipelines.rundir import RunDir
+    from pipelines.train.rundir import RunDir
 
     run = RunDir.open(tmp_path / "runs" / "interrupted")
     metrics = run.metrics()
@@ -87,7 +87,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_p
     out = subprocess.run([LORAPIPE, "train", *args, "--no-progress"], env=env, capture_output=True, text=True,
                          timeout=900, start_new_session=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    from pipelines.rundir import RunDir
+    from pipelines.train.rundir import RunDir
 
     run = RunDir.open(tmp_path / "runs" / "torn")
     metrics = run.metrics()
@@ -108,7 +108,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_p
 
 
 def test_killed_worker_is_replaced_and_result_matches_uninterrupted(ray_local, tiny_config, tmp_path):
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     reference = train(tiny_config(*EXACT, "run.name=reference"), progress=False)
     cfg = tiny_config(*EXACT, "run.name=faulty")

@@ -42,8 +42,8 @@ def run_on_cluster(tmp: Path) -> dict:
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    from pipelines.config_loader import load_config
-    from pipelines.train import train
+    from pipelines.config.load import load_config
+    from pipelines.train.driver import train
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
@@ -133,11 +133,11 @@ def cluster_runs(tmp_path_factory) -> dict:
 
 
 def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(cluster_runs):
-    from peft import PeftModel
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipelines.rundir import RunDir
+    from pipelines.train.rundir import RunDir
 
     tmp_path = cluster_runs["tmp"]
     result = {**cluster_runs["spread"], "worker_nodes": cluster_runs["worker_nodes"],
@@ -167,7 +167,7 @@ def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(cluster_r
 
 
 def test_losing_a_node_mid_run_finishes_on_the_rest_from_the_last_checkpoint(cluster_runs):
-    from pipelines.rundir import RunDir
+    from pipelines.train.rundir import RunDir
 
     loss = cluster_runs["node_loss"]
     assert loss["removed_node"] in loss["nodes_before"]  # the removed node was running a training worker

@@ -198,7 +198,7 @@ def spec_for(arch: dict, *, quantization: str, seq: int, batch: int, steps: int,
 
 
 def planned(spec: dict):
-    from pipelines.plan_memory import Arch, PlanInputs, plan_memory
+    from pipelines.plan.memory import Arch, PlanInputs, plan_memory
 
     cpu = spec["device"] == "cpu"
     return plan_memory(PlanInputs(
@@ -256,8 +256,8 @@ def _cuda_available() -> bool:
 
 def cuda_report(case: str, got: dict) -> dict:
     """Measured vs planned figures and the utilisation the step achieved (for the catalogue's anchors)."""
-    from pipelines.plan_memory import Arch, PlanInputs
-    from pipelines.plan_time import flops_per_token
+    from pipelines.plan.memory import Arch, PlanInputs
+    from pipelines.plan.step_time import flops_per_token
 
     spec, plan = got["spec"], planned(got["spec"])
     p = PlanInputs(arch=Arch(**spec["arch"]), quantization=spec["quantization"], lora_r=spec["r"],

@@ -24,17 +24,17 @@ def mlflow_server(tmp_path_factory):
 def make_run_dir(tmp: Path, name: str, *, quantization: str, steps: int, uri: str, seed: int = 0):
     """Train a real adapter for `steps` on the tiny base, evaluate it, write a contract run dir."""
     from lora import apply_lora, build_lora_config, load_base_model, load_tokenizer
-    from pipelines.builtin import materialize_tiny_llama
-    from pipelines.config_loader import dump_config, load_config
-    from pipelines.data import MicroBatches, eval_batches, prepare_data
-    from pipelines.rundir import write_run_dir
+    from pipelines.config.load import dump_config, load_config
+    from pipelines.data.builtin import materialize_tiny_llama
+    from pipelines.data.prepare import MicroBatches, eval_batches, prepare_data
+    from pipelines.train.rundir import write_run_dir
 
     base_dir = materialize_tiny_llama()
     cfg = load_config("configs/tiny-cpu.yaml", [
         f"model.path={base_dir}", f"model.quantization={quantization}", f"run.name={name}",
         f"run.output_dir={tmp}", f"mlflow.tracking_uri={uri}", "data.path=builtin:demo-tasks", "data.max_examples=200",
         "registry.name=regtest"])
-    from pipelines.builtin import resolve_builtins
+    from pipelines.data.builtin import resolve_builtins
 
     cfg = resolve_builtins(cfg)
     tok = load_tokenizer(cfg.model.path)
@@ -75,7 +75,7 @@ def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
 
     from lora import load_base_model
     from pipelines.cli import main
-    from pipelines.registry import promote, register_run
+    from pipelines.registry.register import promote, register_run
 
     uri = mlflow_server
     weak = make_run_dir(tmp_path, "weak", quantization="nf4", steps=2, uri=uri)
@@ -97,7 +97,8 @@ def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
     ids = torch.arange(4, 30).unsqueeze(0)
     trained = PeftModel.from_pretrained(load_base_model(cfg.model.path, dtype="fp32", quantization="nf4"), str(strong.adapter))
     reference = _logits(trained, ids)
-    from_registry_adapter = PeftModel.from_pretrained(load_base_model(cfg.model.path, dtype="fp32", quantization="nf4"), adapter_dir)
+    base = load_base_model(cfg.model.path, dtype="fp32", quantization="nf4")
+    from_registry_adapter = PeftModel.from_pretrained(base, adapter_dir)
     assert torch.equal(_logits(from_registry_adapter, ids), reference)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert (_logits(merged, ids) - reference).abs().max() < 1e-4
@@ -127,7 +128,7 @@ def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
 
 
 def test_merge_parity_16bit_and_4bit(tmp_path):
-    from pipelines.merge import merge_run
+    from pipelines.registry.merge import merge_run
 
     for quant, tol in (("none", 1e-5), ("nf4", 1e-4)):
         run = make_run_dir(tmp_path, f"run-{quant}", quantization=quant, steps=3, uri="sqlite:///unused.db")

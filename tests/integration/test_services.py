@@ -99,7 +99,7 @@ def test_mlflow_outage_mid_run_then_sync_and_no_planted_secret_anywhere(tmp_path
         assert proc.returncode == 0, err[-3000:]
         assert logged_before_outage and max(logged_before_outage) < 60
 
-        from pipelines.rundir import RunDir
+        from pipelines.train.rundir import RunDir
 
         run = RunDir.open(tmp_path / "runs" / name)
         history_steps = [m["step"] for m in run.history()]
@@ -138,7 +138,7 @@ def test_mlflow_outage_mid_run_then_sync_and_no_planted_secret_anywhere(tmp_path
 def test_metrics_logger_keeps_batches_while_the_server_is_away(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as rank 0 sets it
     server = MlflowServer(tmp_path / "mlflow").start()

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import RayHead, free_port, session_pids
 import requests
+from procs import RayHead, free_port, session_pids
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def _assert_contract(run):
-    from pipelines.rundir import REQUIRED_METRICS, RunDir
+    from pipelines.train.rundir import REQUIRED_METRICS, RunDir
 
     RunDir.open(run.path)  # marker + contract files present
     run.verify_digests()
@@ -46,7 +46,7 @@ def _stock_peft_loads(run):
     (3, ["model.quant_storage=fp32"]),  # ZeRO-3 + 4-bit: storage dtype == load dtype
 ])
 def test_qlora_trains_under_deepspeed(ray_local, tiny_config, stage, extra):
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     cfg = tiny_config(f"deepspeed.stage={stage}", *extra)
     run = train(cfg, progress=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config_loader import config_from_yaml_text, load_config
+from pipelines.config.load import config_from_yaml_text, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny-cpu.yaml"

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from pipelines.config import DataConfig
-from pipelines.data import (
+from pipelines.config.schema import DataSection
+from pipelines.core.errors import UserError
+from pipelines.data.prepare import (
     IGNORE_INDEX,
     MicroBatches,
     eval_batches,
@@ -21,12 +22,11 @@ from pipelines.data import (
     shippable,
     tokenize_dataset,
 )
-from pipelines.errors import UserError
-from pipelines.prompts import alpaca_prompt
+from pipelines.data.prompts import alpaca_prompt
 
 
-def cfg(path, **kw) -> DataConfig:
-    return DataConfig(path=str(path), **kw)
+def cfg(path, **kw) -> DataSection:
+    return DataSection(path=str(path), **kw)
 
 
 def labelled(labels) -> list[int]:
@@ -170,7 +170,7 @@ def test_chat_malformed_rows_name_the_row(tiny_tokenizer, write_jsonl, row, word
 
 def test_chat_needs_a_chat_template(write_jsonl):
     from lora.tiny import train_word_tokenizer
-    from pipelines.builtin import tokenizer_corpus
+    from pipelines.data.builtin import tokenizer_corpus
 
     tok = train_word_tokenizer(tokenizer_corpus())
     tok.chat_template = None
@@ -459,7 +459,7 @@ def test_json_and_parquet_files_load_like_jsonl(tiny_tokenizer, tmp_path, write_
 
 
 def test_demo_tasks_materialise_under_lorapipe_home(lorapipe_home, tiny_tokenizer):
-    from pipelines.builtin import ADAPTER_TASKS, materialize_demo_tasks
+    from pipelines.data.builtin import ADAPTER_TASKS, materialize_demo_tasks
 
     path = materialize_demo_tasks("reverse", n=40, seed=0)
     assert path.is_file() and lorapipe_home in path.parents

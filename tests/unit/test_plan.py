@@ -8,12 +8,11 @@ import sys
 
 import pytest
 
-from pipelines.config_loader import load_config
-from pipelines.errors import UserError
-from pipelines.plan import add_plan_arguments, cmd_plan, plan_for_config, resolve_arch, verdict_line
-from pipelines.plan_memory import (CUDA_CONTEXT_BYTES, GiB, QUANT_BITS, Arch, PlanInputs, arch_from_hf_config,
-                                   plan_memory)
-from pipelines.plan_time import flops_per_token, gpu_spec, load_catalogue, plan_time
+from pipelines.config.load import load_config
+from pipelines.core.errors import UserError
+from pipelines.plan.memory import CUDA_CONTEXT_BYTES, QUANT_BITS, Arch, GiB, PlanInputs, arch_from_hf_config, plan_memory
+from pipelines.plan.step_time import flops_per_token, gpu_spec, load_catalogue, plan_time
+from pipelines.plan.verdict import add_plan_arguments, cmd_plan, plan_for_config, resolve_arch, verdict_line
 
 GB = 1e9
 PRESET_8B = "configs/llama3-8b-qlora-zero3.yaml"
@@ -304,7 +303,7 @@ def test_gpu_spec_is_case_insensitive():
 
 
 def test_preflight_refuses_what_does_not_fit_unless_forced(monkeypatch, tmp_path):
-    from pipelines.plan import preflight
+    from pipelines.plan.verdict import fit_verdict as preflight
 
     fits = load_config(PRESET_8B)
     assert preflight(fits).endswith(verdict_line(plan_for_config(fits))[-20:])

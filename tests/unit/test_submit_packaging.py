@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import UserError
-from pipelines import submit as sub
+from pipelines.cluster import submit as sub
+from pipelines.core.errors import UserError
 
 SECRET = "hf_do_not_print_me_123"
 
@@ -151,7 +151,8 @@ class FakeClient:
 
 
 def _submit(monkeypatch, project, *argv, local=True):
-    from pipelines import cli, jobs
+    from pipelines import cli
+    from pipelines.cluster import jobs
 
     client = FakeClient()
     monkeypatch.chdir(project)
@@ -199,7 +200,8 @@ def test_submit_to_a_remote_head_leaves_paths_and_warns(monkeypatch, capsys, pro
 
 
 def test_bad_config_is_refused_before_contacting_the_cluster(monkeypatch, capsys, project):
-    from pipelines import cli, jobs
+    from pipelines import cli
+    from pipelines.cluster import jobs
 
     def no_cluster(address):
         raise AssertionError("must not contact the cluster")
@@ -229,7 +231,7 @@ def test_no_validate_submits_a_bad_config_as_is(monkeypatch, project):
     ("tcp://head:8265", "must be http"),
 ])
 def test_bad_addresses_are_one_line_errors(monkeypatch, address, message):
-    from pipelines.jobs import dashboard_address
+    from pipelines.cluster.jobs import dashboard_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(UserError, match=message):
@@ -237,7 +239,7 @@ def test_bad_addresses_are_one_line_errors(monkeypatch, address, message):
 
 
 def test_ray_address_stands_in_for_address(monkeypatch):
-    from pipelines.jobs import dashboard_address, is_loopback
+    from pipelines.cluster.jobs import dashboard_address, is_loopback
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:8265/")
     assert dashboard_address(None) == "http://127.0.0.1:8265"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.prompts import alpaca_prompt
+from pipelines.data.prompts import alpaca_prompt
 
 
 @torch.no_grad()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import string
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipelines.errors import UserError
+from pipelines.core.errors import UserError
+from pipelines.core.files import write_dir_atomic
 
 TINY_LLAMA = "builtin:tiny-llama"
 DEMO_TASKS = "builtin:demo-tasks"
@@ -75,27 +75,12 @@ def demo_rows(task: Optional[str] = None, n: int = 2000, seed: int = 0) -> list[
 
 def tokenizer_corpus() -> list[str]:
     """Every token the demo data and the alpaca/chat templates can contain."""
-    from pipelines.prompts import ALPACA_TEMPLATE
+    from pipelines.data.prompts import ALPACA_TEMPLATE
 
     texts = [" ".join(string.ascii_letters + string.digits + string.punctuation)]
     texts += [instr for instr, _ in TASKS.values()]
     texts.append(ALPACA_TEMPLATE.format(instruction="", input="") + "<|system|><|user|><|assistant|>")
     return texts
-
-
-def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temp sibling and rename: a reader never sees a half-written directory."""
-    if target.is_dir():
-        return target
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; theirs is complete too
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def materialize_tiny_llama(root: Optional[Path] = None, seed: int = 0) -> Path:
@@ -109,7 +94,7 @@ def materialize_tiny_llama(root: Optional[Path] = None, seed: int = 0) -> Path:
         model.save_pretrained(str(out), safe_serialization=True)
         tok.save_pretrained(str(out))
 
-    return _atomic_dir((root or home()) / f"tiny-llama-seed{seed}", build)
+    return write_dir_atomic((root or home()) / f"tiny-llama-seed{seed}", build, exist_ok=True)
 
 
 def materialize_demo_tasks(task: Optional[str], n: int, seed: int, root: Optional[Path] = None) -> Path:
@@ -120,7 +105,7 @@ def materialize_demo_tasks(task: Optional[str], n: int, seed: int, root: Optiona
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 
-    return _atomic_dir((root or home()) / f"demo-tasks-{task or 'all'}-{n}-seed{seed}", build) / "data.jsonl"
+    return write_dir_atomic((root or home()) / f"demo-tasks-{task or 'all'}-{n}-seed{seed}", build, exist_ok=True) / "data.jsonl"
 
 
 def resolve_builtins(cfg):

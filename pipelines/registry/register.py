@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipelines.errors import UserError
-from pipelines.rundir import RunDir
-from pipelines.secrets import redact_mapping
-from pipelines.tracking import client as mlflow_client
-from pipelines.tracking import start_run, with_retries
+from pipelines.core.errors import UserError
+from pipelines.core.secrets import redact_mapping
+from pipelines.tracking.runs import client as mlflow_client
+from pipelines.tracking.runs import start_run, with_retries
+from pipelines.train.rundir import RunDir
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 GATE_TAGS = ("lorapipe.gate_metric", "lorapipe.gate_mode", "lorapipe.gate_margin")
@@ -92,7 +92,7 @@ class Registered:
 
 
 def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: Optional[str] = None) -> Registered:
-    from pipelines.merge import merge_run
+    from pipelines.registry.merge import merge_run
 
     run = RunDir.open(run_dir)
     run.verify_digests()
@@ -240,7 +240,8 @@ def describe_model(name: str, tracking_uri: str) -> list[dict]:
         metric = mv.tags.get("lorapipe.gate_metric", "eval_loss")
         rows.append({"version": mv.version, "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
                      "gate_metric": metric, "value": mv.tags.get(f"lorapipe.metric.{metric}", ""),
-                     "run_id": mv.run_id, "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))})
+                     "run_id": mv.run_id,
+                     "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))})
     return rows
 
 

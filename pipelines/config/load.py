@@ -1,4 +1,4 @@
-"""YAML + dotted KEY=VALUE overrides -> validated RunConfig, with one-line errors."""
+"""YAML + dotted KEY=VALUE overrides -> validated PipelineConfig, with one-line errors."""
 from __future__ import annotations
 
 import difflib
@@ -9,8 +9,9 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipelines.config import RunConfig
-from pipelines.errors import UserError
+from pipelines.config.schema import PipelineConfig
+from pipelines.config.tune_space import ALPHA_RATIO
+from pipelines.core.errors import UserError
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -70,16 +71,58 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
     data = apply_overrides(read_yaml(path), overrides)
     return validate_config(data, source=str(path))
 
 
-def validate_config(data: dict, source: str = "config") -> RunConfig:
+def validate_config(data: dict, source: str = "config") -> PipelineConfig:
+    """The schema, its cross-field rules, and (with a tune section) every searched key and value."""
     try:
-        return RunConfig.model_validate(data)
+        cfg = PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(f"{source}: {describe_validation_error(e, RunConfig)}") from None
+        raise UserError(f"{source}: {describe_validation_error(e, PipelineConfig)}") from None
+    if cfg.tune is not None:
+        check_tune_space(cfg, source)
+    return cfg
+
+
+def check_tune_space(cfg: PipelineConfig, source: str) -> None:
+    """Each searched key is a config key, and the base config validates with each choice and
+    each bound applied: a bad range fails here, not in trial 7."""
+    for key, dist in cfg.tune.space.items():
+        if key == ALPHA_RATIO:
+            bad = [v for v in dist.probe_values() if not isinstance(v, (int, float)) or v <= 0]
+            if bad:
+                raise UserError(f"{source}: tune.space.{key}: value {bad[0]!r} must be a positive number")
+            continue
+        *parents, leaf = key.split(".")
+        valid = fields_at(PipelineConfig, parents)
+        if leaf not in valid:
+            near = nearest_key(leaf, valid)
+            hint = f"; did you mean {'.'.join(parents + near)!r}?" if near else ""
+            raise UserError(f"{source}: tune.space key {key!r} is not a config key{hint}")
+        for value in dist.probe_values():
+            apply_trial_values(cfg, {key: value}, source=f"{source}: tune.space.{key}")
+
+
+def apply_trial_values(cfg: PipelineConfig, values: dict[str, Any], source: str = "trial") -> PipelineConfig:
+    """A validated copy of cfg (without its tune section) with `values` applied: dotted keys,
+    plus lora.alpha_ratio (alpha = ratio * the rank after the other values)."""
+    data = cfg.model_dump(mode="json")
+    data["tune"] = None
+    ratio = values.get(ALPHA_RATIO)
+    for key, value in values.items():
+        if key == ALPHA_RATIO:
+            continue
+        node = data
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    if ratio is not None:
+        data["lora"]["alpha"] = float(ratio) * data["lora"]["r"]
+    return validate_config(data, source=source)
 
 
 def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> str:
@@ -123,9 +166,9 @@ def fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def dump_config(cfg: RunConfig) -> str:
+def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def config_from_yaml_text(text: str) -> RunConfig:
+def config_from_yaml_text(text: str) -> PipelineConfig:
     return validate_config(yaml_load(text), source="config.yaml")

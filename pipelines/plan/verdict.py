@@ -3,7 +3,7 @@
 From the config alone (the model's shape, never its weights): memory per GPU part by part with
 ZeRO partitioning (pipelines/plan_memory.py), step time, throughput and cost
 (pipelines/plan_time.py), a FITS / DOES NOT FIT verdict against configs/gpus/catalogue.yaml, and
-the knobs that would make a plan fit. `train` and `submit` print `verdict_line` before starting.
+the knobs that would make a plan fit. Every command that trains prints `fit_verdict` first.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipelines.errors import UserError
-from pipelines.plan_memory import GiB, Arch, MemoryPlan, PlanInputs, arch_from_hf_config, plan_memory
-from pipelines.plan_time import GpuSpec, TimePlan, gpu_spec, load_catalogue, plan_time
+from pipelines.core.errors import UserError
+from pipelines.plan.memory import Arch, GiB, MemoryPlan, PlanInputs, arch_from_hf_config, plan_memory
+from pipelines.plan.step_time import GpuSpec, TimePlan, gpu_spec, load_catalogue, plan_time
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _read_config_json(path: Path, source: str) -> Arch:
 
 def _builtin_tiny_arch() -> Arch:
     from lora.tiny import SPECIAL_TOKENS
-    from pipelines.builtin import TINY_SHAPE, tokenizer_corpus
+    from pipelines.data.builtin import TINY_SHAPE, tokenizer_corpus
 
     # The builtin's tokenizer has one token per distinct character of its corpus, plus the specials.
     vocab = len(set("".join(tokenizer_corpus()))) + len(SPECIAL_TOKENS)
@@ -155,7 +155,7 @@ def make_plan(inputs: PlanInputs, gpu: GpuSpec, *, utilization: Optional[float] 
 def plan_for_config(cfg, gpus: Optional[int] = None, gpu: Optional[str] = None, *,
                     utilization: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
                     interconnect_gbps: Optional[float] = None) -> Plan:
-    """The plan for a validated RunConfig; gpus defaults to scaling.num_workers, gpu to the
+    """The plan for a validated PipelineConfig; gpus defaults to scaling.num_workers, gpu to the
     catalogue's default when scaling.use_gpu, else CPU mode. Raises UserError on bad input."""
     catalogue = load_catalogue()
     name = gpu or (catalogue.default_gpu if cfg.scaling.use_gpu else "cpu")
@@ -168,17 +168,31 @@ def plan_for_config(cfg, gpus: Optional[int] = None, gpu: Optional[str] = None, 
                      interconnect_gbps=interconnect_gbps)
 
 
-def preflight(cfg, *, force: bool = False) -> str:
-    """The one line `train` and `submit` print before starting. Raises UserError when the plan does
-    not fit and `force` is false; a model whose shape is unknown is not planned (and not refused)."""
+def fit_verdict(cfg, *, force: bool = False) -> str:
+    """The one line `train`, `tune`, `pipeline` and `submit` print before starting anything.
+    With a tune section, every searched value is planned too (one key at a time on the base
+    config) and the largest is the verdict: a search must not fail on its biggest trial. Raises
+    UserError when a plan does not fit and `force` is false; a model whose shape is unknown is
+    not planned (and not refused)."""
     try:
-        plan = plan_for_config(cfg)
+        plans = [plan_for_config(c) for c in configs_to_plan(cfg)]
     except UserError as e:
         return f"plan: skipped ({e})"
-    line = verdict_line(plan)
+    plan = max(plans, key=lambda p: p.memory.total / p.budget)
+    line = verdict_line(plan) + (f" (largest of {len(plans)} searched settings)" if len(plans) > 1 else "")
     if not plan.fits and not force:
         raise UserError(f"{line}: refusing to start; see `lorapipe plan` for what would fit, or pass --force")
     return line
+
+
+def configs_to_plan(cfg) -> list:
+    """The config itself, and with a tune section, the config with each searched value applied."""
+    from pipelines.config.load import apply_trial_values
+
+    if cfg.tune is None:
+        return [cfg]
+    return [cfg] + [apply_trial_values(cfg, {key: value}) for key, dist in cfg.tune.space.items()
+                    for value in dist.probe_values()]
 
 
 # -- what would make it fit --------------------------------------------------------------------
@@ -337,7 +351,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args) -> int:
-    from pipelines.config_loader import load_config
+    from pipelines.config.load import load_config
 
     if args.cpu and args.gpu not in (None, "cpu"):
         raise UserError(f"--cpu and --gpu {args.gpu} contradict each other; give one")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
-from pipelines.errors import UserError
+from pipelines.core.errors import UserError
 
 ADDRESS_HELP = "Ray dashboard address, http://HEAD:8265 (default: $RAY_ADDRESS)"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipelines.plan_memory import DTYPE_BYTES, PlanInputs
+from pipelines.plan.memory import DTYPE_BYTES, PlanInputs
 
 NCCL_EFFICIENCY = 0.75   # achieved / nominal link bandwidth for large ring collectives
 
@@ -88,7 +88,7 @@ def plan_time(p: PlanInputs, *, peak_tflops: float, utilization: float, bandwidt
 
 
 # -- the GPU catalogue (configs/gpus/catalogue.yaml) -------------------------------------------
-CATALOGUE_PATH = Path(__file__).resolve().parents[1] / "configs" / "gpus" / "catalogue.yaml"
+CATALOGUE_PATH = Path(__file__).resolve().parents[2] / "configs" / "gpus" / "catalogue.yaml"
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def gpu_spec(name: str, catalogue: Optional[Catalogue] = None) -> GpuSpec:
     catalogue = catalogue or load_catalogue()
     spec = catalogue.gpus.get(name.lower())
     if spec is None:
-        from pipelines.errors import UserError
+        from pipelines.core.errors import UserError
 
         raise UserError(f"unknown GPU {name!r}; known: {', '.join(catalogue.gpus)}")
     return spec

@@ -106,7 +106,7 @@ Precision = Literal["mixed", "fp32-adapter", "pure"]
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """Every setting that moves memory or time. Built from a RunConfig, or directly in tests."""
+    """Every setting that moves memory or time. Built from a PipelineConfig, or directly in tests."""
 
     arch: Arch
     num_gpus: int = 1

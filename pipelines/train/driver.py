@@ -2,36 +2,19 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
-from pipelines.config import RunConfig
-from pipelines.errors import UserError
+from pipelines.config.schema import PipelineConfig
+from pipelines.core.errors import UserError
+from pipelines.core.meta import git_commit, lorapipe_version
+from pipelines.train import checkpoint
+from pipelines.train.ray_cluster import driver_node_label, ensure_ray, warn_if_not_shared
 
 
-def lorapipe_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lorapipe")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or os.environ.get("LORAPIPE_GIT_COMMIT") or None
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("LORAPIPE_GIT_COMMIT")
-
-
-def with_run_name(cfg: RunConfig) -> RunConfig:
+def with_run_name(cfg: PipelineConfig) -> PipelineConfig:
     """Fix the run name once, on the driver, so restarts and later stages agree on it."""
     if cfg.run.name:
         return cfg
@@ -40,7 +23,7 @@ def with_run_name(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def resolved_paths(cfg: RunConfig) -> RunConfig:
+def resolved_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Absolute output/storage paths and tracking URI: workers run in other directories."""
     cfg = cfg.model_copy(deep=True)
     cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
@@ -49,13 +32,12 @@ def resolved_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def check_target_modules(cfg: RunConfig) -> None:
+def check_target_modules(cfg: PipelineConfig) -> None:
     """Build the model skeleton on the meta device (no weights) and check lora.target_modules."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora import LoraInputError
-    from lora.adapter import linear_module_names
+    from lora.adapter import check_target_modules as check_in_model
 
     if cfg.lora.target_modules == "all-linear":
         return
@@ -66,17 +48,14 @@ def check_target_modules(cfg: RunConfig) -> None:
         raise UserError(f"cannot read the config of model {cfg.model.path!r}: {str(e).splitlines()[0]}") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
-    available = linear_module_names(skeleton)
-    missing = [t for t in cfg.lora.target_modules if t not in available]
-    if missing:
-        raise LoraInputError(f"lora.target_modules {missing} not in the model; its linear layers are: {', '.join(available)}")
+    check_in_model(skeleton, cfg.lora.target_modules)
 
 
-def preflight(cfg: RunConfig):
+def preflight(cfg: PipelineConfig):
     """Everything that can fail on bad input, before Ray starts: paths, data rows, modules, 4-bit."""
     from lora import load_tokenizer
     from lora.base import build_bnb_config
-    from pipelines.data import prepare_data
+    from pipelines.data.prepare import prepare_data
 
     if cfg.model.is_quantized:
         build_bnb_config(cfg.model.dtype, cfg.model.quantization, cfg.model.double_quant, cfg.model.quant_storage)
@@ -90,77 +69,6 @@ def preflight(cfg: RunConfig):
     return data
 
 
-def ensure_ray(cfg: RunConfig) -> None:
-    """Join RAY_ADDRESS's cluster, or start a local one sized so the workers always fit."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address.startswith(("http://", "https://")):
-        raise UserError(f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: use `lorapipe submit` to run on "
-                        "that cluster, or unset RAY_ADDRESS to train on a local Ray")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    running = running_local_cluster()
-    if running:
-        # ray.init() would join it anyway, and refuses sizing arguments for a cluster it joins.
-        print(f"ray: joining the cluster already running on this machine at {running} (`ray stop` ends it)")
-        ray.init(log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",  # address found as above
-                 configure_logging=True, logging_level="WARNING")
-        return
-    local_cluster_env_defaults()
-    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    # Logical CPUs may exceed physical cores: Ray then sets torch threads from the share.
-    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API (served by
-    # it) whether a controller died; without it, a trial killed by ASHA leaks its workers' CPUs.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=os.environ.get("LORAPIPE_WORKER_LOGS", "0") == "1",
-             configure_logging=True, logging_level="WARNING")
-
-
-def running_local_cluster() -> Optional[str]:
-    """The address of a cluster started on this machine with `ray start --head` (the one Ray's own
-    `ray.init()` joins when RAY_ADDRESS is unset), or None. Joining it skips Ray's start-up and
-    reuses its long-lived helpers: the warm start a real cluster gives."""
-    from ray._private import services  # the lookup ray.init() itself uses; no public equivalent
-
-    try:
-        address = services.canonicalize_bootstrap_address(None)
-    except (ValueError, ConnectionError):
-        return None
-    # The address file outlives a head that was killed rather than stopped: require its GCS alive.
-    return address if address and address in services.find_gcs_addresses() else None
-
-
-def local_cluster_env_defaults() -> None:
-    """Ray Train helpers a one-machine cluster that lorapipe starts and stops itself has no use for,
-    each one more Python process started in series before the first step (about a second apiece
-    on 2 cores): the preemption watcher (it polls for nodes being drained; this node is not) and
-    Ray Train's Prometheus metrics export (nothing scrapes a throw-away cluster). Set either
-    variable to 1 to keep it."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-
-
-def warn_if_not_shared(cfg: RunConfig) -> None:
-    """On a multi-node cluster, rank 0 may run on another node: a sqlite/file MLflow store or a
-    storage path on the driver's local disk would silently split or lose state there."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
-        return
-    uri = cfg.tracking_uri()
-    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        print(f"warning: MLflow store {uri} is local to this node; on a {len(nodes)}-node cluster rank 0 "
-              "logs from another node. Set MLFLOW_TRACKING_URI to a server.")
-    if "://" not in cfg.storage_path():
-        print(f"warning: run.storage_path {cfg.storage_path()} must be shared storage visible to all "
-              f"{len(nodes)} nodes (NFS mount or s3://...)")
-
-
 def ray_train_env_defaults() -> None:
     """Ray Train reads these in the process that builds the trainer and passes them on. Worker
     start-up (a new process importing torch, transformers, DeepSpeed) can exceed Ray's 60 s
@@ -168,14 +76,14 @@ def ray_train_env_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
 
 
-def start_tracking(cfg: RunConfig, tune_trial_id: Optional[str], parent_run_id: Optional[str]):
+def start_tracking(cfg: PipelineConfig, tune_trial_id: Optional[str], parent_run_id: Optional[str]):
     """Create the run's MLflow run in a Ray task (None when MLflow is off): its imports and a new
     store's migrations cost seconds of CPU, which then run beside Ray Train's controller start-up
     instead of in front of it. The task runs on the driver's node, where a sqlite/file store lives;
     rank 0 and the driver resolve the ref with `tracking.run_id_of`."""
     import ray
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     if not cfg.mlflow.enabled:
         return None
@@ -194,25 +102,17 @@ def ship_data(data):
     tokenizer and tokenizing the whole dataset again: seconds of start-up, on every restart too."""
     import ray
 
-    from pipelines.data import shippable
+    from pipelines.data.prepare import shippable
 
     small = shippable(data) if data is not None else None
     return ray.put(small) if small is not None else None
 
 
-def driver_node_label() -> dict:
-    """Pin small helper actors to the driver's node, as Ray Train pins its controller: losing a
-    worker node must not take them down with it."""
-    import ray
-
-    return {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
-
-
-def build_trainer(cfg: RunConfig, loop_config: dict, callbacks: list):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+def build_trainer(cfg: PipelineConfig, loop_config: dict, callbacks: list):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.worker import train_loop_per_worker
+    from pipelines.train.worker import train_loop_per_worker
 
     ray_train_env_defaults()
     sc = cfg.scaling
@@ -225,7 +125,7 @@ def build_trainer(cfg: RunConfig, loop_config: dict, callbacks: list):
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources, placement_strategy=sc.placement_strategy),
-        run_config=RayRunConfig(
+        run_config=RunConfig(
             name=cfg.run.name,
             storage_path=cfg.storage_path(),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
@@ -270,7 +170,7 @@ def startup_breakdown(driver: dict, first_report: dict) -> dict:
     }
 
 
-def lineage(cfg: RunConfig, source_model: str, fingerprint: str, data_stats: dict, extra: dict) -> dict:
+def lineage(cfg: PipelineConfig, source_model: str, fingerprint: str, data_stats: dict, extra: dict) -> dict:
     from lora import model_content_hash
 
     return {
@@ -287,26 +187,18 @@ def lineage(cfg: RunConfig, source_model: str, fingerprint: str, data_stats: dic
     }
 
 
-def latest_complete_checkpoint(ray_run_path: Path) -> Optional[Path]:
-    """The newest checkpoint_* directory under a Ray Train run that carries the completion marker."""
-    from pipelines.worker import COMPLETE_MARKER
-
-    found = sorted(p for p in Path(ray_run_path).glob("checkpoint_*") if (p / COMPLETE_MARKER).is_file())
-    return found[-1] if found else None
-
-
-def config_to_resume(path: str) -> RunConfig:
+def config_to_resume(path: str) -> PipelineConfig:
     """The resolved config of an interrupted run, from its Ray storage directory (or its newest
     complete checkpoint): resuming reuses its run name and storage, so Ray Train restores the
     latest checkpoint (adapter, optimizer, scheduler, RNG, data position) instead of step 0."""
-    from pipelines.config_loader import config_from_yaml_text
+    from pipelines.config.load import config_from_yaml_text
 
     p = Path(path).expanduser()
-    ckpt = p if (p / "trainer_state.json").is_file() else latest_complete_checkpoint(p)
+    ckpt = checkpoint.find_checkpoint(p)
     if ckpt is None:
         raise UserError(f"nothing to resume at {p}: no complete checkpoint_* directory there "
                         "(give the run's storage directory, e.g. runs/_ray/<run name>)")
-    cfg = config_from_yaml_text((ckpt / "config.yaml").read_text())
+    cfg = config_from_yaml_text(checkpoint.read_config_yaml(ckpt))
     if ckpt.parent.name != cfg.run.name:
         raise UserError(f"{ckpt} belongs to run {ckpt.parent.name!r} but its config names {cfg.run.name!r}")
     return cfg
@@ -315,20 +207,17 @@ def config_to_resume(path: str) -> RunConfig:
 def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fingerprint: str, data_stats: dict,
                             extra: dict, marks: Optional[dict] = None):
     """The run directory from a complete checkpoint (the final one, or an early-stopped trial's last)."""
-    from pipelines.config_loader import config_from_yaml_text
-    from pipelines.rundir import write_run_dir
-    from pipelines.worker import COMPLETE_MARKER, STATE_FILE
+    from pipelines.config.load import config_from_yaml_text
+    from pipelines.train.rundir import write_run_dir
 
-    if not (ckpt / COMPLETE_MARKER).is_file():
-        raise RuntimeError(f"checkpoint {ckpt} has no {COMPLETE_MARKER} marker; not using it")
-    config_yaml = (ckpt / "config.yaml").read_text()
+    state = checkpoint.read_state(ckpt)  # refuses a checkpoint without its marker
+    config_yaml = checkpoint.read_config_yaml(ckpt)
     cfg = config_from_yaml_text(config_yaml)
-    state = json.loads((ckpt / STATE_FILE).read_text())
     metrics = final_metrics(state)
     if marks and not state.get("resumed_from_step"):  # a resumed run's first report is from another process
         metrics["startup"] = startup_breakdown(marks, state["history"][0])
     history = "".join(json.dumps(m) + "\n" for m in state["history"])
-    return write_run_dir(run_dir, config_yaml=config_yaml, adapter_src=ckpt / "adapter", metrics=metrics,
+    return write_run_dir(run_dir, config_yaml=config_yaml, adapter_src=ckpt / checkpoint.ADAPTER_DIR, metrics=metrics,
                          lineage=lineage(cfg, source_model, fingerprint, data_stats, extra),
                          extra_files={"history.jsonl": history})
 
@@ -341,15 +230,15 @@ def report_unlogged(run_dir, missing: list[int]) -> None:
               f"`lorapipe sync {run_dir.path}` logs them once it is back.")
 
 
-def train(cfg: RunConfig, *, progress: bool = True, tune_trial_id: Optional[str] = None,
+def train(cfg: PipelineConfig, *, progress: bool = True, tune_trial_id: Optional[str] = None,
           parent_run_id: Optional[str] = None, callbacks: Optional[list] = None, preflight_checks: bool = True):
     """One Ray Train run. Returns the RunDir it wrote."""
     import ray
 
-    from pipelines import tracking
-    from pipelines.builtin import resolve_builtins
-    from pipelines.data import dataset_fingerprint
-    from pipelines.progress import ForwardMetrics, ProgressSink, live_progress
+    from pipelines.data.builtin import resolve_builtins
+    from pipelines.data.prepare import dataset_fingerprint
+    from pipelines.tracking import runs as tracking
+    from pipelines.train.progress import ForwardMetrics, ProgressSink, live_progress
 
     marks = {"invoked": time.time()}
     source_model = cfg.model.path

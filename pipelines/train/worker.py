@@ -8,40 +8,22 @@ one optimizer shard per rank.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import resource
 import shutil
-import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.config import RunConfig
-
-COMPLETE_MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-DS_TAG = "state"
-
-
-@dataclass
-class TrainerState:
-    """Where the loop stands; saved in every checkpoint so a restart continues exactly."""
-
-    step: int = 0                  # optimizer steps done
-    position: int = 0              # micro batches consumed (data position)
-    tokens: int = 0                # non-pad tokens trained on, all workers
-    train_seconds: float = 0.0     # time inside forward/backward/step, all windows
-    history: list = field(default_factory=list)
-    restarts: int = 0
-    resumed_from_step: list = field(default_factory=list)  # one entry per restart
+from pipelines.config.schema import PipelineConfig
+from pipelines.data.prepare import IGNORE_INDEX
+from pipelines.train.checkpoint import restore, save_checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -50,14 +32,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def worker_device(cfg: RunConfig, local_rank: int) -> torch.device:
+def worker_device(cfg: PipelineConfig, local_rank: int) -> torch.device:
     if cfg.scaling.use_gpu and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def build_model(cfg: RunConfig, device: torch.device):
+def build_model(cfg: PipelineConfig, device: torch.device):
     """Frozen base (4-bit when configured) + LoRA; returns (peft model, {layer: (out, in)})."""
     from lora import apply_lora, build_lora_config, load_base_model
     from lora.adapter import targeted_linears
@@ -75,11 +57,11 @@ def build_model(cfg: RunConfig, device: torch.device):
     return apply_lora(base, lcfg, gradient_checkpointing=m.gradient_checkpointing), shapes
 
 
-def build_engine(cfg: RunConfig, model):
+def build_engine(cfg: PipelineConfig, model):
     import deepspeed
     from transformers import get_scheduler
 
-    from pipelines.deepspeed_config import build_deepspeed_config
+    from pipelines.train.deepspeed_config import build_deepspeed_config
 
     ds_config = build_deepspeed_config(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -96,84 +78,6 @@ def build_engine(cfg: RunConfig, model):
     return engine
 
 
-def gathered_adapter_state(engine, stage: int) -> dict:
-    """The full adapter state dict (on every rank). Under ZeRO-3 each rank holds a slice of every
-    LoRA matrix; saving without gathering writes empty tensors."""
-    import deepspeed
-    from peft import get_peft_model_state_dict
-
-    model = engine.module
-    if stage < 3:
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def save_checkpoint(engine, cfg: RunConfig, state: TrainerState, shapes: dict, rank: int, out: Path) -> None:
-    """One rank's part of a checkpoint. Rank 0 writes the adapter, state and config; every rank
-    writes its DeepSpeed shard and its RNG state. The marker is written last."""
-    from lora import verify_adapter_files
-    from lora.adapter import expected_adapter_shapes
-    from pipelines.config_loader import dump_config
-
-    engine.save_checkpoint(str(out / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
-    adapter_state = gathered_adapter_state(engine, cfg.deepspeed.stage)
-    (out / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
-    if rank == 0:
-        engine.module.save_pretrained(str(out / "adapter"), state_dict=adapter_state, safe_serialization=True)
-        verify_adapter_files(out / "adapter", expected_adapter_shapes({"r": cfg.lora.r}, shapes))
-        (out / "config.yaml").write_text(dump_config(cfg))
-        (out / STATE_FILE).write_text(json.dumps(asdict(state)))
-        fault_point_kill_before_marker(state)
-        (out / COMPLETE_MARKER).write_text(str(state.step))
-
-
-def fault_point_kill_before_marker(state: TrainerState) -> None:
-    """Fault injection for the reliability tests: LORAPIPE_FAULT_KILL_IN_CHECKPOINT=<step> SIGKILLs
-    rank 0 in the middle of that step's checkpoint (everything written but the marker), once."""
-    at = os.environ.get("LORAPIPE_FAULT_KILL_IN_CHECKPOINT")
-    if at and int(at) == state.step and state.restarts == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def rng_state() -> dict:
-    py = random.getstate()
-    npy = np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [npy[0], npy[1].tolist(), npy[2], npy[3], npy[4]],
-            "torch": torch.get_rng_state().tolist()}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    n = s["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-
-
-def restore(engine, rank: int) -> TrainerState:
-    """Continue from Ray's latest checkpoint if this is a restart (worker/node loss, resume)."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return TrainerState()
-    with ckpt.as_directory() as d:
-        d = Path(d)
-        if not (d / COMPLETE_MARKER).is_file():
-            raise RuntimeError(f"checkpoint {d} has no {COMPLETE_MARKER} marker: refusing a partial checkpoint")
-        engine.load_checkpoint(str(d / "deepspeed"), tag=DS_TAG, load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = TrainerState(**json.loads((d / STATE_FILE).read_text()))
-        rng_file = d / f"rng_rank{rank}.json"
-        if rng_file.is_file():
-            set_rng_state(json.loads(rng_file.read_text()))
-    state.restarts += 1
-    state.resumed_from_step.append(state.step)
-    return state
-
-
 def all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -188,7 +92,7 @@ def evaluate(engine, batches: list[dict], device: torch.device) -> dict:
     loss_sum, tokens = 0.0, 0.0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = float((batch["labels"][:, 1:] != -100).sum())
+        n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss_sum += engine(**batch).loss.item() * n
         tokens += n
     engine.train()
@@ -203,7 +107,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def worker_data(cfg: RunConfig, shipped):
+def worker_data(cfg: PipelineConfig, shipped):
     """The prepared data: the driver's copy from Ray's object store when it shipped one (it
     prepared the data anyway, in preflight), else the same deterministic preparation here."""
     if shipped is not None:
@@ -211,7 +115,7 @@ def worker_data(cfg: RunConfig, shipped):
 
         return ray.get(shipped)
     from lora import load_tokenizer
-    from pipelines.data import prepare_data
+    from pipelines.data.prepare import prepare_data
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
     return prepare_data(cfg.data, tokenizer, cfg.seed)
@@ -221,11 +125,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from pipelines.data import MicroBatches, eval_batches, shard
-    from pipelines.tracking import MetricsLogger, run_id_of
+    from pipelines.data.prepare import MicroBatches, eval_batches, shard
+    from pipelines.tracking.runs import MetricsLogger, run_id_of
 
     marks = {"worker_start": time.time()}  # start-up breakdown, reported once
-    cfg = RunConfig.model_validate(loop_config["config"])
+    cfg = PipelineConfig.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device(cfg, ctx.get_local_rank())

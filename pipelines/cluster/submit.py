@@ -14,13 +14,13 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pipelines.errors import UserError
+from pipelines.core.errors import UserError
+from pipelines.core.meta import git_commit, lorapipe_version
 
 # gitwildmatch patterns relative to the project root (Ray's runtime_env "excludes" syntax).
 # No trailing slash on directory names: Ray matches a directory's own path without one, so
@@ -138,7 +138,7 @@ def config_in_project(config: str, root: Path) -> str:
 
 def check_overrides_publishable(overrides: list[str]) -> None:
     """The entrypoint (and so every override) is visible to anyone who can list the cluster's jobs."""
-    from pipelines.secrets import redact_uri
+    from pipelines.core.secrets import redact_uri
 
     for item in overrides:
         key, _, value = item.partition("=")
@@ -156,24 +156,9 @@ def forwarded_env(environ: dict, extra_names: tuple[str, ...] = ()) -> dict[str,
     return {name: environ[name] for name in (*FORWARDED_ENV, *extra_names) if environ.get(name)}
 
 
-def git_commit(root: Path) -> Optional[str]:
-    """HEAD of the submitted tree (+ '-dirty' with uncommitted changes); .git itself is not uploaded."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def job_metadata(config_name: str, config_rel: str, command: str, commit: Optional[str],
                  output_dir: Optional[str]) -> dict[str, str]:
     """What `lorapipe jobs list/status` shows: names, versions and paths, never secrets."""
-    from pipelines.train import lorapipe_version
-
     try:
         user = getpass.getuser()
     except Exception:  # no login name (some containers)
@@ -196,8 +181,8 @@ def effective_settings(config: str, overrides: list[str], cfg=None) -> dict:
     """name, output/storage paths, MLflow settings and whether builtin: assets are used, after the
     overrides: from the validated config, or (with --no-validate, where it may not validate) from
     the YAML with the schema's defaults."""
-    from pipelines.config import MlflowSection, RunConfig, RunSection
-    from pipelines.config_loader import apply_overrides, read_yaml
+    from pipelines.config.load import apply_overrides, read_yaml
+    from pipelines.config.schema import MlflowSection, PipelineConfig, RunSection
 
     if cfg is not None:
         run, mlflow, name = cfg.run.model_dump(), cfg.mlflow.model_dump(), cfg.name
@@ -210,7 +195,7 @@ def effective_settings(config: str, overrides: list[str], cfg=None) -> dict:
         section = lambda key: data.get(key) if isinstance(data.get(key), dict) else {}  # noqa: E731
         run = {k: section("run").get(k, f.default) for k, f in RunSection.model_fields.items()}
         mlflow = {k: section("mlflow").get(k, f.default) for k, f in MlflowSection.model_fields.items()}
-        name = data.get("name") or RunConfig.model_fields["name"].default
+        name = data.get("name") or PipelineConfig.model_fields["name"].default
         paths = [str(section("model").get("path", "")), str(section("data").get("path", ""))]
     return {"name": str(name), "output_dir": str(run["output_dir"]), "storage_path": run["storage_path"],
             "tracking_uri": mlflow["tracking_uri"], "mlflow_enabled": mlflow["enabled"] is not False,
@@ -265,7 +250,7 @@ def durable_placement(settings: dict, root: Path, local: bool, environ: dict) ->
 
 
 def cmd_submit(args) -> int:
-    from pipelines.jobs import connect, cluster_errors, follow_logs, head_is_this_machine
+    from pipelines.cluster.jobs import cluster_errors, connect, follow_logs, head_is_this_machine
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # no per-request INFO lines from the SDK
     root = project_root()
@@ -274,7 +259,7 @@ def cmd_submit(args) -> int:
     env_vars = forwarded_env(dict(os.environ), tuple(args.env))
     cfg = None
     if not args.no_validate:
-        from pipelines.config_loader import load_config
+        from pipelines.config.load import load_config
 
         cfg = load_config(args.config, args.overrides)  # a bad config stops here: nothing is submitted
         if args.command == "tune" and not cfg.tune:
@@ -296,7 +281,7 @@ def cmd_submit(args) -> int:
     env_vars.update(place.env)
     out_dir = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.output_dir=")),
                    settings["output_dir"])
-    commit = git_commit(root)
+    commit = git_commit(root, mark_dirty=True)  # .git itself is not uploaded
     if commit:
         env_vars.setdefault("LORAPIPE_GIT_COMMIT", commit)
     command = entrypoint(args.command, config_rel, overrides)
@@ -340,14 +325,11 @@ s3:// for run.storage_path), MLflow a server, and LORAPIPE_HOME shared storage.
 
 def add_submit_commands(sub) -> None:
     """`lorapipe submit` and `lorapipe jobs ...` on the CLI's subparsers."""
-    from pipelines.cli import IntermixedParser
-    from pipelines.jobs import ADDRESS_HELP, add_jobs_command
+    from pipelines.cluster.jobs import ADDRESS_HELP, add_jobs_command
+    from pipelines.core.cliargs import add_config_parser
 
-    sp = sub.add_parser("submit", help="run train/tune/pipeline as a Ray job on a cluster (Ray Jobs API)",
-                        description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sp.__class__ = IntermixedParser  # add_parser has no per-parser class argument
-    sp.add_argument("config", help="YAML config inside the project (see configs/)")
-    sp.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.lr=1e-4")
+    sp = add_config_parser(sub, "submit", "run train/tune/pipeline as a Ray job on a cluster (Ray Jobs API)",
+                           description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("--address", help=ADDRESS_HELP)
     sp.add_argument("--command", default="train", choices=COMMANDS, help="what the job runs (default: train)")
     sp.add_argument("--env", action="append", default=[], metavar="NAME",

@@ -7,27 +7,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from pipelines.config import RunConfig
-from pipelines.errors import UserError
-from pipelines.tune_config import TuneSection, apply_trial_values, parse_tune_section, to_ray_space
-
-ENCODED = "__json__:"  # choice values Optuna cannot hold (lists) travel as JSON strings
-
-
-def encode_space(space: dict) -> dict:
-    from ray.tune.search.sample import Categorical
-
-    for key, dom in space.items():
-        if isinstance(dom, Categorical) and any(not isinstance(c, (str, int, float, bool, type(None))) for c in dom.categories):
-            dom.categories = [ENCODED + json.dumps(c) for c in dom.categories]
-    return space
-
-
-def decode_values(values: dict) -> dict:
-    return {k: json.loads(v[len(ENCODED):]) if isinstance(v, str) and v.startswith(ENCODED) else v
-            for k, v in values.items()}
+from pipelines.config.load import apply_trial_values
+from pipelines.config.schema import PipelineConfig
+from pipelines.config.tune_space import TuneSection
+from pipelines.core.errors import UserError
+from pipelines.train.rundir import RunDir
+from pipelines.tune.space import decode_values, default_point, encode_space, to_ray_space
 
 
 def trial_fn(config: dict, base: dict, experiment_dir: str, parent_run_id: Optional[str]) -> None:
@@ -35,26 +22,23 @@ def trial_fn(config: dict, base: dict, experiment_dir: str, parent_run_id: Optio
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     trial_id = tune.get_context().get_trial_id()
     done = Path(experiment_dir) / f"trial_{trial_id}"
-    if (done / "COMPLETE").is_file():
+    if RunDir.is_complete(done):
         # Finished before the driver died but after Tune last saved its state: report, don't re-run.
-        from pipelines.rundir import RunDir
-
         run = RunDir.open(done)
-        history = [json.loads(line) for line in (run.path / "history.jsonl").read_text().splitlines()]
-        tune.report({**history[-1], **{k: v for k, v in run.metrics().items() if isinstance(v, (int, float))}})
+        tune.report({**run.history()[-1], **{k: v for k, v in run.metrics().items() if isinstance(v, (int, float))}})
         return
-    cfg = apply_trial_values(RunConfig.model_validate(base), decode_values(config))
+    cfg = apply_trial_values(PipelineConfig.model_validate(base), decode_values(config))
     cfg.run.name = f"trial_{trial_id}"  # from the trial id: stable across restore
     cfg.run.output_dir = experiment_dir
     train(cfg, progress=False, tune_trial_id=trial_id, parent_run_id=parent_run_id,
           callbacks=[TuneReportCallback()], preflight_checks=False)
 
 
-def max_concurrent(cfg: RunConfig, section: TuneSection) -> int:
+def max_concurrent(cfg: PipelineConfig, section: TuneSection) -> int:
     """Trials that fit at once on the cluster: each holds num_workers x (CPUs, GPU)."""
     import ray
 
@@ -67,34 +51,12 @@ def max_concurrent(cfg: RunConfig, section: TuneSection) -> int:
     return max(1, min(by_cpu, by_gpu))
 
 
-def default_point(cfg: RunConfig, section: TuneSection) -> Optional[dict]:
-    """The base config's own values as the first suggestion, so a search never ends worse than
-    not searching; None when a base value lies outside its searched domain."""
-    from pipelines.tune_config import ALPHA_RATIO
-
-    point = {}
-    data = cfg.model_dump(mode="json")
-    for key, dist in section.space.items():
-        if key == ALPHA_RATIO:
-            value: Any = cfg.lora.alpha / cfg.lora.r
-        else:
-            value = data
-            for part in key.split("."):
-                value = value[part]
-        inside = (value in dist.choice) if dist.choice is not None else \
-            (getattr(dist, dist.kind)[0] <= value <= getattr(dist, dist.kind)[1])
-        if not inside:
-            return None
-        point[key] = ENCODED + json.dumps(value) if isinstance(value, (list, dict)) else value
-    return point
-
-
-def search_seed(cfg: RunConfig, section: TuneSection) -> int:
+def search_seed(cfg: PipelineConfig, section: TuneSection) -> int:
     """The search has its own seed so repeated searches can differ while training stays identical."""
     return cfg.seed if section.seed is None else section.seed
 
 
-def build_search(cfg: RunConfig, section: TuneSection):
+def build_search(cfg: PipelineConfig, section: TuneSection):
     if section.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -110,7 +72,7 @@ def build_search(cfg: RunConfig, section: TuneSection):
     return None  # grid: Tune's default generator expands grid_search
 
 
-def build_scheduler(cfg: RunConfig, section: TuneSection):
+def build_scheduler(cfg: PipelineConfig, section: TuneSection):
     if not section.asha.enabled:
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -129,10 +91,10 @@ class SearchResult:
     best: dict
     best_config_path: str
     plot_path: Optional[str]
-    base: RunConfig
+    base: PipelineConfig
 
-    def best_config_for_training(self) -> RunConfig:
-        from pipelines.config_loader import load_config
+    def best_config_for_training(self) -> PipelineConfig:
+        from pipelines.config.load import load_config
 
         return load_config(self.best_config_path)
 
@@ -158,11 +120,12 @@ def _history(result) -> list[dict]:
     return df[cols].to_dict("records")
 
 
-def stopped_trial_run_dir(cfg: RunConfig, storage: str, out_dir: Path, row: dict) -> Optional[str]:
+def stopped_trial_run_dir(cfg: PipelineConfig, storage: str, out_dir: Path, row: dict) -> Optional[str]:
     """Every trial ends in a run directory: finished trials wrote theirs; for trials ASHA stopped,
     write it from their last complete checkpoint (metrics are as of that step)."""
-    from pipelines.data import dataset_fingerprint
-    from pipelines.train import latest_complete_checkpoint, run_dir_from_checkpoint
+    from pipelines.data.prepare import dataset_fingerprint
+    from pipelines.train.checkpoint import latest_complete_checkpoint
+    from pipelines.train.driver import run_dir_from_checkpoint
 
     run_dir = out_dir / f"trial_{row['trial_id']}"
     if run_dir.is_dir():
@@ -198,16 +161,19 @@ def plot_trials(rows: list[dict], metric: str, out: Path) -> Optional[Path]:
     return out
 
 
-def tune(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> SearchResult:
+def tune(cfg: PipelineConfig, *, progress: bool = True, resume: bool = False) -> SearchResult:
     """Run (or resume) the search; returns the table, the best trial and its config file."""
     from ray import tune as rt
 
-    from pipelines import tracking
-    from pipelines.builtin import resolve_builtins
-    from pipelines.config_loader import dump_config
-    from pipelines.train import ensure_ray, preflight, resolved_paths
+    from pipelines.config.load import dump_config
+    from pipelines.data.builtin import resolve_builtins
+    from pipelines.tracking import runs as tracking
+    from pipelines.train.driver import preflight, resolved_paths
+    from pipelines.train.ray_cluster import ensure_ray
 
-    section = parse_tune_section(cfg)
+    section = cfg.tune
+    if section is None:
+        raise UserError(f"config {cfg.name!r} has no tune: section (see configs/tiny-cpu-tune.yaml)")
     cfg = resolved_paths(resolve_builtins(cfg))
     name = section.name or f"{cfg.name}-tune"
     out_dir = Path(cfg.run.output_dir) / name
@@ -263,7 +229,7 @@ def tune(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> Sear
 
 
 def _log_parent(uri: str, run_id: str, best: dict, section: TuneSection, files: list) -> None:
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     c = tracking.client(uri)
     for f in files:

@@ -7,7 +7,6 @@ prepared again by each worker with the same deterministic pipeline, keeping only
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipelines.errors import UserError
-from pipelines.prompts import alpaca_prompt
+from pipelines.core.errors import UserError
+from pipelines.core.files import sha256_file
+from pipelines.data.prompts import alpaca_prompt
 
 IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -88,7 +88,8 @@ def load_raw_dataset(data_cfg):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the first line
-        raise UserError(f"cannot load dataset {data_cfg.path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load dataset {data_cfg.path!r}: {first}") from None
     if data_cfg.max_examples:
         ds = ds.select(range(min(len(ds), data_cfg.max_examples)))
     if len(ds) == 0:
@@ -99,11 +100,7 @@ def load_raw_dataset(data_cfg):
 def dataset_fingerprint(data_cfg, ds) -> str:
     path = Path(data_cfg.path).expanduser()
     if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return f"sha256:{h.hexdigest()}"
+        return f"sha256:{sha256_file(path)}"
     return f"datasets:{data_cfg.path}@{getattr(ds, '_fingerprint', None) or data_cfg.split}"
 
 

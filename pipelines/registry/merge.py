@@ -7,12 +7,11 @@ merges onto the full-precision original weights instead.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from pipelines.errors import UserError
-from pipelines.rundir import RunDir
+from pipelines.core.errors import UserError
+from pipelines.core.files import write_dir_atomic
+from pipelines.train.rundir import RunDir
 
 PROBE_TEXTS = ["### Instruction:\nReverse the word.\n\n### Input:\nabc\n\n### Response:\n",
                "The quick brown fox jumps over the lazy dog.", "0123456789 +-*/ ()[]"]
@@ -46,14 +45,11 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, onto: str = "trained") -
     tokenizer = load_tokenizer(m.path, m.trust_remote_code, m.revision)
     merged, report = merge_adapter(base, run.adapter, dtype=torch_dtype(m.dtype), probe_input_ids=probe_batch(tokenizer))
     report.update({"onto": onto, "trained_on_4bit": m.is_quantized, "base_model": m.path, "run_dir": str(run.path)})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(d: Path) -> None:
+        merged.save_pretrained(str(d), safe_serialization=True)
+        tokenizer.save_pretrained(str(d))
+        (d / "merge_report.json").write_text(json.dumps(report, indent=2))
+
+    write_dir_atomic(out, fill)
     return report

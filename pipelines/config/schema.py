@@ -6,9 +6,12 @@ models load or data is read. Derived quantities are methods (`global_batch_size`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.config.tune_space import TuneSection
+from pipelines.core.defaults import default_tracking_uri
 
 DType = Literal["fp32", "bf16", "fp16"]
 
@@ -17,7 +20,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelShape(Section):
+class ShapeSection(Section):
     """Architecture figures for planning when no config.json is reachable (Llama-style decoder)."""
 
     hidden_size: int = Field(gt=0, description="model width")
@@ -29,7 +32,7 @@ class ModelShape(Section):
     tie_word_embeddings: bool = Field(False, description="output head shares the embedding matrix")
 
 
-class ModelConfig(Section):
+class ModelSection(Section):
     path: str = Field(description="HF hub id, local model directory, or builtin:tiny-llama")
     dtype: DType = Field("bf16", description="dtype the base is loaded and computed in")
     quantization: Literal["none", "nf4", "fp4"] = Field(
@@ -41,7 +44,7 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     attn_implementation: Literal["eager", "sdpa"] = Field("sdpa", description="attention kernel")
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
-    shape: Optional[ModelShape] = Field(None, description="architecture for `lorapipe plan` when config.json is unreachable")
+    shape: Optional[ShapeSection] = Field(None, description="architecture for `lorapipe plan` when config.json is unreachable")
 
     @property
     def is_quantized(self) -> bool:
@@ -66,7 +69,7 @@ class LoraSection(Section):
         return v
 
 
-class DataConfig(Section):
+class DataSection(Section):
     path: str = Field(description="local .json/.jsonl/.parquet file, a datasets hub name, or builtin:demo-tasks")
     format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="row layout")
     split: str = Field("train", description="split to read from a hub dataset")
@@ -79,7 +82,7 @@ class DataConfig(Section):
     task: Optional[str] = Field(None, description="builtin:demo-tasks only: which task to train on")
 
 
-class TrainConfig(Section):
+class TrainSection(Section):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     micro_batch_size: int = Field(4, gt=0, description="examples per worker per forward")
     grad_accum: int = Field(1, gt=0, description="micro batches per optimizer step")
@@ -101,7 +104,7 @@ class TrainConfig(Section):
         return self
 
 
-class DeepSpeedConfig(Section):
+class DeepSpeedSection(Section):
     stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer states")
     offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 parameter offload")
@@ -142,7 +145,7 @@ class MlflowSection(Section):
     @classmethod
     def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
         # A config is saved beside every checkpoint and logged as an artifact: it must hold no secret.
-        from pipelines.secrets import redact_uri
+        from pipelines.core.secrets import redact_uri
 
         if v and redact_uri(v) != v:
             raise ValueError(f"{redact_uri(v)} carries credentials in the URI; set MLFLOW_TRACKING_USERNAME and "
@@ -157,21 +160,21 @@ class RegistrySection(Section):
     margin: float = Field(0.0, ge=0.0, description="required improvement over the current champion")
 
 
-class RunConfig(Section):
+class PipelineConfig(Section):
     """A complete run: every top-level preset in configs/ validates against this alone."""
 
     name: str = Field("run", description="config name, used for run and registry names")
     seed: int = Field(0, ge=0, description="seeds data split, init and dropout")
-    model: ModelConfig
+    model: ModelSection
     lora: LoraSection = LoraSection()
-    data: DataConfig
-    train: TrainConfig = TrainConfig()
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     mlflow: MlflowSection = MlflowSection()
     registry: RegistrySection = RegistrySection()
-    tune: Optional[dict[str, Any]] = Field(None, description="search space and algorithm; see pipelines.tune_config")
+    tune: Optional[TuneSection] = Field(None, description="search space and algorithm (lorapipe tune, pipeline)")
 
     @model_validator(mode="after")
     def _cross_field_rules(self):
@@ -186,9 +189,13 @@ class RunConfig(Section):
             raise ValueError("lora.use_dora with a 4-bit base under deepspeed.stage=3 is not supported by PEFT; use stage 2")
         if self.data.format == "text" and self.data.train_on_prompt:
             raise ValueError("data.train_on_prompt only applies to alpaca/chat formats (text has no prompt)")
+        if self.tune and self.tune.asha.enabled and self.tune.asha.grace_period >= self.train.max_steps:
+            raise ValueError(f"tune.asha.grace_period={self.tune.asha.grace_period} must be < "
+                             f"train.max_steps={self.train.max_steps}")
         if self.train.eval_every > self.train.max_steps and self.train.max_steps > 1:
             # Without a single eval there is no eval_loss for metrics.json, Tune or the gate.
-            raise ValueError(f"train.eval_every={self.train.eval_every} exceeds train.max_steps={self.train.max_steps}: no evaluation would run")
+            raise ValueError(f"train.eval_every={self.train.eval_every} exceeds train.max_steps={self.train.max_steps}: "
+                             "no evaluation would run")
         return self
 
     # -- derived quantities (one place each) ---------------------------------------------
@@ -202,9 +209,7 @@ class RunConfig(Section):
         return self.registry.name or self.run_name()
 
     def tracking_uri(self) -> str:
-        import os
-
-        return self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+        return default_tracking_uri(self.mlflow.tracking_uri)
 
     def storage_path(self) -> str:
         path = self.run.storage_path or str(Path(self.run.output_dir) / "_ray")

@@ -6,28 +6,19 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipelines.errors import UserError
+from pipelines.core.errors import UserError
+from pipelines.core.files import sha256_file, write_dir_atomic
 
 CONTRACT = ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
             "metrics.json", "lineage.json")
 MARKER = "COMPLETE"
 REQUIRED_METRICS = ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s", "train_steps", "peak_memory_bytes")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -52,12 +43,17 @@ class RunDir:
             raise UserError(f"run directory {p} is missing {', '.join(missing)}")
         return cls(p)
 
+    @staticmethod
+    def is_complete(path: str | Path) -> bool:
+        """Written to the end (the marker is the last file a run directory gets)."""
+        return (Path(path) / MARKER).is_file()
+
     @property
     def adapter(self) -> Path:
         return self.path / "adapter"
 
     def config(self):
-        from pipelines.config_loader import config_from_yaml_text
+        from pipelines.config.load import config_from_yaml_text
 
         return config_from_yaml_text((self.path / "config.yaml").read_text())
 
@@ -88,22 +84,16 @@ class RunDir:
 
 
 def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temp sibling, add digests and the marker, then rename into place."""
-    target = Path(target)
-    if target.exists():
-        raise UserError(f"{target} already exists; choose another run.name or remove it")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Fill a temp sibling, add digests and the marker last, then rename into place."""
+    def fill_and_seal(d: Path) -> None:
+        fill(d)
+        (d / "digests.json").write_text(json.dumps(digests(d), indent=2))
+        (d / MARKER).write_text("")
+
     try:
-        fill(tmp)
-        (tmp / "digests.json").write_text(json.dumps(digests(tmp), indent=2))
-        (tmp / MARKER).write_text("")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        return write_dir_atomic(Path(target), fill_and_seal)
+    except FileExistsError:
+        raise UserError(f"{target} already exists; choose another run.name or remove it") from None
 
 
 def write_run_dir(target: Path, *, config_yaml: str, adapter_src: Path, metrics: dict, lineage: dict,

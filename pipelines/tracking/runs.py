@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any, Callable, Optional, TypeVar
 
-from pipelines.secrets import redact_mapping
+from pipelines.core.secrets import redact_mapping
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
