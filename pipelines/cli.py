@@ -130,11 +130,11 @@ def cmd_register(args) -> int:
 
 
 def cmd_sync(args) -> int:
+    from pipelines.artifacts.rundir import RunDir
     from pipelines.core.errors import UserError
     from pipelines.core.secrets import redact_uri
-    from pipelines.registry.register import reachable
     from pipelines.tracking import runs as tracking
-    from pipelines.train.rundir import RunDir
+    from pipelines.tracking.runs import reachable
 
     run = RunDir.open(args.run_dir)
     run_id = run.lineage().get("mlflow_run_id")
@@ -151,7 +151,7 @@ def cmd_sync(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from pipelines.registry.register import Gate, promote
+    from pipelines.registry.promote import Gate, promote
 
     gate = Gate(args.metric, args.mode, args.margin) if args.metric else None
     result = promote(args.name, args.version, args.alias, force=args.force, reason=args.reason,
@@ -164,7 +164,7 @@ def cmd_registry(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.registry.register import describe_model, list_models
+    from pipelines.registry.show import describe_model, list_models
 
     if args.action == "show" and not args.name:
         from pipelines.core.errors import UserError

@@ -18,7 +18,8 @@ class PipelineOutcome:
 
 
 def register_and_promote(run, tracking_uri: Optional[str] = None) -> PipelineOutcome:
-    from pipelines.registry.register import promote, register_run
+    from pipelines.registry.promote import promote
+    from pipelines.registry.register import register_run
 
     uri = tracking_uri or run.config().tracking_uri()
     reg = register_run(run.path, tracking_uri=uri)

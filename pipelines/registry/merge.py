@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.artifacts.rundir import RunDir
 from pipelines.core.errors import UserError
 from pipelines.core.files import write_dir_atomic
-from pipelines.train.rundir import RunDir
 
 PROBE_TEXTS = ["### Instruction:\nReverse the word.\n\n### Input:\nabc\n\n### Response:\n",
                "The quick brown fox jumps over the lazy dog.", "0123456789 +-*/ ()[]"]

@@ -1,5 +1,4 @@
-"""MLflow registry: log a run directory's adapter and merged model, register both as versions,
-and move aliases only when the gate metric says the new version is better.
+"""MLflow registry: log a run directory's adapter and merged model and register both as versions.
 
 Everything here reads only the run directory. The registry only ever sees complete artifacts:
 the merge is finished and verified on local disk before anything is uploaded, and a version
@@ -7,19 +6,16 @@ is created only after its artifacts are logged.
 """
 from __future__ import annotations
 
-import getpass
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipelines.artifacts.rundir import RunDir
 from pipelines.core.errors import UserError
-from pipelines.core.secrets import redact_mapping
 from pipelines.tracking.runs import client as mlflow_client
-from pipelines.tracking.runs import start_run, with_retries
-from pipelines.train.rundir import RunDir
+from pipelines.tracking.runs import reachable, start_run, with_retries
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 GATE_TAGS = ("lorapipe.gate_metric", "lorapipe.gate_mode", "lorapipe.gate_margin")
@@ -30,16 +26,6 @@ def check_name(name: str) -> str:
         raise UserError(f"registered model name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
                         "(starting with a letter or digit, at most 200 characters)")
     return name
-
-
-def reachable(uri: str) -> None:
-    """Fail with one line (after bounded retries) when the tracking server cannot be reached."""
-    c = mlflow_client(uri)
-    try:
-        with_retries(lambda: c.search_experiments(max_results=1), attempts=3, what="MLflow server check")
-    except Exception as e:
-        raise UserError(f"MLflow at {redact_mapping({'u': uri})['u']} is unreachable "
-                        f"({type(e).__name__}); nothing was registered") from None
 
 
 def _run_exists(c, run_id: Optional[str]) -> bool:
@@ -138,116 +124,3 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
                           what="create model version")
         versions[kind] = mv.version
     return Registered(name, versions["adapter"], versions["merged"], run_id, created=True)
-
-
-# -- promotion -------------------------------------------------------------------------------
-@dataclass
-class Gate:
-    metric: str
-    mode: str
-    margin: float
-
-    def beats(self, candidate: float, current: float) -> bool:
-        if self.mode == "min":
-            return candidate < current - self.margin
-        return candidate > current + self.margin
-
-
-def version_metric(mv, metric: str) -> float:
-    raw = mv.tags.get(f"lorapipe.metric.{metric}")
-    if raw is None:
-        raise UserError(f"version {mv.version} of {mv.name} has no {metric!r} metric to gate on")
-    return float(raw)
-
-
-def get_version(c, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    if not str(version).isdigit():
-        raise UserError(f"version {version!r} is not a version number")
-    try:
-        return c.get_model_version(name, str(version))
-    except MlflowException:
-        raise UserError(f"{name} has no version {version}") from None
-
-
-def current_alias(c, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-@dataclass
-class Promotion:
-    promoted: bool
-    message: str
-
-
-def promote(name: str, version: str, alias: str = "champion", *, force: bool = False, reason: str = "",
-            tracking_uri: str, gate: Optional[Gate] = None, gated: bool = True) -> Promotion:
-    """Move `alias` to `version` if it beats the alias's current version on the gate metric.
-    gated=False is for aliases that simply track the latest output (e.g. `candidate`)."""
-    reachable(tracking_uri)
-    c = mlflow_client(tracking_uri)
-    check_name(name)
-    candidate = get_version(c, name, version)
-    gate = gate or Gate(candidate.tags.get("lorapipe.gate_metric", "eval_loss"),
-                        candidate.tags.get("lorapipe.gate_mode", "min"),
-                        float(candidate.tags.get("lorapipe.gate_margin", "0.0")))
-    current = current_alias(c, name, alias)
-    if current is not None and current.version == candidate.version:
-        return Promotion(True, f"{name}@{alias} is already version {version}")
-    cand_value = version_metric(candidate, gate.metric)
-    if current is not None and not force and gated:
-        cur_value = version_metric(current, gate.metric)
-        if not gate.beats(cand_value, cur_value):
-            better = "lower" if gate.mode == "min" else "higher"
-            return Promotion(False, f"refused: {name} v{version} {gate.metric}={cand_value:.6g} does not beat "
-                                    f"{alias} v{current.version} {gate.metric}={cur_value:.6g} "
-                                    f"({better} by more than {gate.margin:g} needed); use --force to override")
-    with_retries(lambda: c.set_registered_model_alias(name, alias, str(version)), what="set alias")
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    note = {f"lorapipe.promoted.{alias}.at": stamp, f"lorapipe.promoted.{alias}.by": getpass.getuser()}
-    if force:
-        note.update({f"lorapipe.forced.{alias}.by": getpass.getuser(), f"lorapipe.forced.{alias}.at": stamp,
-                     f"lorapipe.forced.{alias}.reason": reason or "(no reason given)"})
-    for k, v in note.items():
-        with_retries(lambda: c.set_model_version_tag(name, str(version), k, v), what="tag version")
-    was = f" (was v{current.version})" if current is not None else " (first promotion)"
-    how = "forced" if force and current is not None else f"{gate.metric}={cand_value:.6g}"
-    how += "" if gated else " (ungated alias)"
-    return Promotion(True, f"{name}@{alias} -> v{version}{was}; {how}")
-
-
-def describe_model(name: str, tracking_uri: str) -> list[dict]:
-    """Rows for `lorapipe registry show NAME`: version, aliases, gate metric, run, created."""
-    reachable(tracking_uri)
-    c = mlflow_client(tracking_uri)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = c.get_registered_model(name)
-    except MlflowException:
-        raise UserError(f"no registered model named {name!r}") from None
-    aliases: dict[str, list[str]] = {}
-    for alias, v in (model.aliases or {}).items():
-        aliases.setdefault(str(v), []).append(alias)
-    rows = []
-    for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        metric = mv.tags.get("lorapipe.gate_metric", "eval_loss")
-        rows.append({"version": mv.version, "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                     "gate_metric": metric, "value": mv.tags.get(f"lorapipe.metric.{metric}", ""),
-                     "run_id": mv.run_id,
-                     "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))})
-    return rows
-
-
-def list_models(tracking_uri: str) -> list[dict]:
-    reachable(tracking_uri)
-    c = mlflow_client(tracking_uri)
-    return [{"name": m.name, "latest": max((int(v.version) for v in (m.latest_versions or [])), default=0),
-             "aliases": ", ".join(f"{a}=v{v}" for a, v in sorted((m.aliases or {}).items()))}
-            for m in c.search_registered_models()]

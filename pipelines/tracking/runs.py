@@ -9,7 +9,8 @@ import logging
 import time
 from typing import Any, Callable, Optional, TypeVar
 
-from pipelines.core.secrets import redact_mapping
+from pipelines.core.errors import UserError
+from pipelines.core.secrets import redact_mapping, redact_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -184,3 +185,13 @@ class MetricsLogger:
         self.flush()
         if self.pending:
             log.warning("%d metric batches were not logged to MLflow; they are in the run directory", len(self.pending))
+
+
+def reachable(uri: str) -> None:
+    """Fail with one line (after bounded retries) when the tracking server cannot be reached."""
+    c = client(uri)
+    try:
+        with_retries(lambda: c.search_experiments(max_results=1), attempts=3, what="MLflow server check")
+    except Exception as e:
+        raise UserError(f"MLflow at {redact_uri(uri)} is unreachable "
+                        f"({type(e).__name__}); nothing was registered") from None

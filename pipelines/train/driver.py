@@ -207,8 +207,8 @@ def config_to_resume(path: str) -> PipelineConfig:
 def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fingerprint: str, data_stats: dict,
                             extra: dict, marks: Optional[dict] = None):
     """The run directory from a complete checkpoint (the final one, or an early-stopped trial's last)."""
+    from pipelines.artifacts.rundir import write_run_dir
     from pipelines.config.load import config_from_yaml_text
-    from pipelines.train.rundir import write_run_dir
 
     state = checkpoint.read_state(ckpt)  # refuses a checkpoint without its marker
     config_yaml = checkpoint.read_config_yaml(ckpt)

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipelines.artifacts.rundir import RunDir
 from pipelines.config.load import apply_trial_values
 from pipelines.config.schema import PipelineConfig
 from pipelines.config.tune_space import TuneSection
 from pipelines.core.errors import UserError
-from pipelines.train.rundir import RunDir
 from pipelines.tune.space import decode_values, default_point, encode_space, to_ray_space
 
 

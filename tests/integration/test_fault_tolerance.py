@@ -67,7 +67,7 @@ def test_killed_driver_resumes_without_redoing_steps(tmp_path):
     out = subprocess.run([LORAPIPE, "train", "configs/tiny-cpu.yaml", "--resume", str(storage), "--no-progress"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    from pipelines.train.rundir import RunDir
+    from pipelines.artifacts.rundir import RunDir
 
     run = RunDir.open(tmp_path / "runs" / "interrupted")
     metrics = run.metrics()
@@ -87,7 +87,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_p
     out = subprocess.run([LORAPIPE, "train", *args, "--no-progress"], env=env, capture_output=True, text=True,
                          timeout=900, start_new_session=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    from pipelines.train.rundir import RunDir
+    from pipelines.artifacts.rundir import RunDir
 
     run = RunDir.open(tmp_path / "runs" / "torn")
     metrics = run.metrics()

@@ -137,7 +137,7 @@ def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(cluster_r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipelines.train.rundir import RunDir
+    from pipelines.artifacts.rundir import RunDir
 
     tmp_path = cluster_runs["tmp"]
     result = {**cluster_runs["spread"], "worker_nodes": cluster_runs["worker_nodes"],
@@ -167,7 +167,7 @@ def test_training_spreads_over_nodes_and_checkpoints_to_shared_storage(cluster_r
 
 
 def test_losing_a_node_mid_run_finishes_on_the_rest_from_the_last_checkpoint(cluster_runs):
-    from pipelines.train.rundir import RunDir
+    from pipelines.artifacts.rundir import RunDir
 
     loss = cluster_runs["node_loss"]
     assert loss["removed_node"] in loss["nodes_before"]  # the removed node was running a training worker

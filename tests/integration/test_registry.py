@@ -24,10 +24,10 @@ def mlflow_server(tmp_path_factory):
 def make_run_dir(tmp: Path, name: str, *, quantization: str, steps: int, uri: str, seed: int = 0):
     """Train a real adapter for `steps` on the tiny base, evaluate it, write a contract run dir."""
     from lora import apply_lora, build_lora_config, load_base_model, load_tokenizer
+    from pipelines.artifacts.rundir import write_run_dir
     from pipelines.config.load import dump_config, load_config
     from pipelines.data.builtin import materialize_tiny_llama
     from pipelines.data.prepare import MicroBatches, eval_batches, prepare_data
-    from pipelines.train.rundir import write_run_dir
 
     base_dir = materialize_tiny_llama()
     cfg = load_config("configs/tiny-cpu.yaml", [
@@ -75,7 +75,8 @@ def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
 
     from lora import load_base_model
     from pipelines.cli import main
-    from pipelines.registry.register import promote, register_run
+    from pipelines.registry.promote import promote
+    from pipelines.registry.register import register_run
 
     uri = mlflow_server
     weak = make_run_dir(tmp_path, "weak", quantization="nf4", steps=2, uri=uri)

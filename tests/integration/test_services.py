@@ -99,7 +99,7 @@ def test_mlflow_outage_mid_run_then_sync_and_no_planted_secret_anywhere(tmp_path
         assert proc.returncode == 0, err[-3000:]
         assert logged_before_outage and max(logged_before_outage) < 60
 
-        from pipelines.train.rundir import RunDir
+        from pipelines.artifacts.rundir import RunDir
 
         run = RunDir.open(tmp_path / "runs" / name)
         history_steps = [m["step"] for m in run.history()]

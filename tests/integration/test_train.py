@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def _assert_contract(run):
-    from pipelines.train.rundir import REQUIRED_METRICS, RunDir
+    from pipelines.artifacts.rundir import REQUIRED_METRICS, RunDir
 
     RunDir.open(run.path)  # marker + contract files present
     run.verify_digests()

@@ -52,9 +52,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
 
 
 def test_search_stops_early_and_best_trains(ray_local, tmp_path):
+    from pipelines.artifacts.rundir import RunDir
     from pipelines.config.load import load_config
     from pipelines.train.driver import train
-    from pipelines.train.rundir import RunDir
     from pipelines.tune.search import tune
 
     cfg = load_config("configs/tiny-cpu-tune.yaml", _overrides(tmp_path))
