@@ -16,17 +16,19 @@ install: $(STAMP)
 # communication backend loads a shared-memory op at every start: built here (about a minute),
 # else the first training run would JIT-compile it (~35 s before its first step, and a C++
 # compiler needed at run time). --no-cache-dir: a cached wheel built without the op would win.
-$(STAMP): pyproject.toml
+# Every install is held to constraints.txt, the pins the training image uses too (TORCH_VER
+# must equal its torch pin; tests/unit/test_infra.py checks).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q torch && \
-	  DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed; \
+	  $(BIN)/pip install -q -c constraints.txt torch && \
+	  DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed; \
 	else \
-	  $(BIN)/pip install -q torch==$(TORCH_VER) && \
-	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation --no-cache-dir deepspeed; \
+	  $(BIN)/pip install -q -c constraints.txt torch==$(TORCH_VER) && \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q -c constraints.txt --no-build-isolation --no-cache-dir deepspeed; \
 	fi
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -23,6 +23,9 @@ DOCKERFILE = INFRA / "docker" / "Dockerfile"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
 MLFLOW_K8S = INFRA / "mlflow" / "k8s"
 README = INFRA / "README.md"
+CONSTRAINTS = ROOT / "constraints.txt"
+MAKEFILE = ROOT / "Makefile"
+STORAGE = KUBERAY / "storage"
 
 SHARED_MOUNT = "/mnt/shared"
 IMAGE_REPO = "ghcr.io/lorapipe/lorapipe-train"
@@ -35,6 +38,10 @@ EXPECTED_FILES = [
     "kuberay/raycluster.yaml",
     "kuberay/rayjob.yaml",
     "kuberay/shared-pvc.yaml",
+    "kuberay/storage/aws-efs.yaml",
+    "kuberay/storage/gke-filestore.yaml",
+    "kuberay/storage/aks-azurefile.yaml",
+    "schemas/kuberay-v1.6.yaml",
     "cluster-launcher/aws-gpu.yaml",
     "mlflow/Dockerfile",
     "mlflow/docker-compose.yaml",
@@ -119,10 +126,18 @@ def dockerfile_text() -> str:
     return DOCKERFILE.read_text()
 
 
-def dockerfile_pins() -> dict[str, set[str]]:
-    # comments can mention versions loosely; pins count only in instructions
-    body = "\n".join(l for l in dockerfile_text().splitlines() if not l.lstrip().startswith("#"))
-    return parse_pins(body)
+def dockerfile_instructions() -> str:
+    # comments can mention versions loosely; only instructions count
+    return "\n".join(l for l in dockerfile_text().splitlines() if not l.lstrip().startswith("#"))
+
+
+def constraint_pins() -> dict[str, str]:
+    """name -> version of every pin in constraints.txt (one version per name)."""
+    body = "\n".join(l.split("#", 1)[0] for l in CONSTRAINTS.read_text().splitlines())
+    pins = parse_pins(body)
+    conflicting = {p: v for p, v in pins.items() if len(v) != 1}
+    assert not conflicting, f"constraints.txt pins one package to several versions: {conflicting}"
+    return {p: next(iter(v)) for p, v in pins.items()}
 
 
 # --------------------------------------------------------------------------- checkers
@@ -156,9 +171,9 @@ def check_compose_env_secrets(compose: dict) -> None:
         if isinstance(env, list):
             env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
         for key, value in env.items():
-            if SECRETISH.search(key) and value is not None:
-                if not re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*(?::?[-?][^}]*)?\}", str(value)):
-                    problems.append(f"{name}.{key}")
+            interpolated = re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*(?::?[-?][^}]*)?\}", str(value))
+            if SECRETISH.search(key) and value is not None and not interpolated:
+                problems.append(f"{name}.{key}")
     assert not problems, f"compose: literal credentials: {problems}"
 
 
@@ -211,18 +226,57 @@ def check_shared_volume(spec: dict, claim: str) -> None:
     assert mounts == {SHARED_MOUNT}, f"shared PVC mounted at {mounts}, want {SHARED_MOUNT} everywhere"
 
 
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
 def check_ray_auth(spec: dict) -> None:
+    """Token auth comes from authOptions alone: KubeRay >= 1.6 sets RAY_AUTH_MODE/RAY_AUTH_TOKEN
+    in every Ray container, init container, the autoscaler sidecar and the job submitter. A copy
+    in autoscalerOptions.env would be a second one in the sidecar; one in a Ray container would
+    override authOptions (and could name another secret)."""
     auth = spec.get("authOptions") or {}
     assert auth.get("mode") == "token", "authOptions.mode is not token"
-    secret = auth.get("secretName")
-    assert secret, "authOptions.secretName missing"
+    assert auth.get("secretName"), "authOptions.secretName missing"
+    set_by_hand = [e["name"] for e in (spec.get("autoscalerOptions") or {}).get("env", [])
+                   if e["name"] in RAY_AUTH_ENV]
+    assert not set_by_hand, f"autoscalerOptions.env sets {set_by_hand}: the operator adds them too"
     for group, pod in pod_specs(spec):
-        for c in pod["containers"]:
-            env = {e["name"]: e for e in c.get("env", [])}
-            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{group}: RAY_AUTH_MODE != token"
-            ref = (env.get("RAY_AUTH_TOKEN", {}).get("valueFrom") or {}).get("secretKeyRef") or {}
-            assert ref.get("name") == secret and ref.get("key") == "auth_token", (
-                f"{group}: RAY_AUTH_TOKEN not from secret {secret}/auth_token")
+        for c in pod["containers"] + pod.get("initContainers", []):
+            set_by_hand = [e["name"] for e in c.get("env", []) if e["name"] in RAY_AUTH_ENV]
+            assert not set_by_hand, f"{group}/{c['name']} sets {set_by_hand}: authOptions does that"
+
+
+def all_pod_specs(which: str) -> list[tuple[str, dict]]:
+    """Every pod template of raycluster.yaml or rayjob.yaml (the job's submitter included)."""
+    if which == "raycluster":
+        return pod_specs(raycluster()["spec"])
+    spec = rayjob()["spec"]
+    return pod_specs(spec["rayClusterSpec"]) + [("submitter", spec["submitterPodTemplate"]["spec"])]
+
+
+def check_image_pull(pods: list[tuple[str, dict]], secret: str = "lorapipe-registry") -> None:
+    """A reused tag must be pulled afresh (Always), and a private registry needs the pull secret."""
+    for group, pod in pods:
+        assert {"name": secret} in pod.get("imagePullSecrets", []), f"{group}: no imagePullSecrets {secret}"
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c.get("imagePullPolicy") == "Always", f"{group}/{c['name']}: imagePullPolicy is not Always"
+
+
+def check_shared_storage_writable(spec: dict, uid: int = 1000) -> None:
+    """Every Ray pod makes /mnt/shared writable for the image's uid: fsGroup (with
+    OnRootMismatch, or kubelet re-chowns the whole share at each start) and a root init
+    container that chowns the share's root and checks write access as that uid."""
+    for group, pod in pod_specs(spec):
+        sc = pod.get("securityContext") or {}
+        assert sc.get("fsGroup") == uid, f"{group}: fsGroup != {uid}"
+        assert sc.get("fsGroupChangePolicy") == "OnRootMismatch", f"{group}: fsGroupChangePolicy"
+        inits = [c for c in pod.get("initContainers", [])
+                 if any(m["mountPath"] == SHARED_MOUNT for m in c.get("volumeMounts", []))]
+        assert inits, f"{group}: no init container prepares {SHARED_MOUNT}"
+        script = " ".join(inits[0].get("command", []) + inits[0].get("args", []))
+        assert (inits[0].get("securityContext") or {}).get("runAsUser") == 0, f"{group}: init step not root"
+        assert f"chown {uid}:{uid} {SHARED_MOUNT}" in script, f"{group}: init step does not chown the share"
+        assert f"--reuid={uid}" in script, f"{group}: init step does not check access as uid {uid}"
 
 
 def launcher_schema_validate(config: dict) -> None:
@@ -348,6 +402,9 @@ def test_image_tag_documented_in_dockerfile_and_readme():
     assert f"docker push {img}" in readme
 
 
+RWX_PROVISIONERS = {"efs.csi.aws.com", "filestore.csi.storage.gke.io", "file.csi.azure.com"}
+
+
 def test_shared_pvc_is_rwx_and_mounted_everywhere():
     pvc = load_one(KUBERAY / "shared-pvc.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim"
@@ -360,6 +417,7 @@ def test_shared_pvc_is_rwx_and_mounted_everywhere():
 def test_ray_token_auth_and_secrets():
     spec = raycluster()["spec"]
     check_ray_auth(spec)
+    check_ray_auth(rayjob()["spec"]["rayClusterSpec"])
     for group, pod in pod_specs(spec):
         for c in pod["containers"]:
             env = {e["name"]: e for e in c.get("env", [])}
@@ -376,8 +434,55 @@ def test_ray_pods_point_at_the_k8s_mlflow_service():
             assert env.get("MLFLOW_TRACKING_URI") == want, f"{group}: MLFLOW_TRACKING_URI != {want}"
 
 
-def test_ray_version_matches_dockerfile_pin():
-    assert dockerfile_pins()["ray"] == {raycluster()["spec"]["rayVersion"]}
+def test_ray_version_matches_constraints_pin():
+    assert constraint_pins()["ray"] == raycluster()["spec"]["rayVersion"]
+
+
+@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+def test_images_pulled_fresh_with_pull_secret(which):
+    check_image_pull(all_pod_specs(which))
+    spec = raycluster()["spec"] if which == "raycluster" else rayjob()["spec"]["rayClusterSpec"]
+    assert spec["autoscalerOptions"].get("imagePullPolicy") == "Always", "autoscaler sidecar pulls stale images"
+
+
+def test_submitter_runs_the_cluster_image():
+    spec = rayjob()["spec"]
+    (c,) = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert c["image"] == expected_image() and "command" not in c, "the operator fills in the submit command"
+    assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+def test_shared_storage_made_writable(which):
+    spec = raycluster()["spec"] if which == "raycluster" else rayjob()["spec"]["rayClusterSpec"]
+    check_shared_storage_writable(spec)
+
+
+def test_manifests_name_the_operator_version_the_schema_follows():
+    """The operator version in the manifests' headers and the README is the one whose CRD the
+    schema follows (infra/schemas/kuberay-v<version>.yaml)."""
+    (schema,) = (INFRA / "schemas").glob("kuberay-v*.yaml")
+    version = re.fullmatch(r"kuberay-v(\d+\.\d+)\.yaml", schema.name).group(1)
+    for path in (KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml", README):
+        found = set(re.findall(r"KubeRay operator >= (\d+\.\d+)", path.read_text()))
+        assert found == {version}, f"{path.name}: names KubeRay operator >= {found}, schema follows {version}"
+
+
+def test_shared_pvc_names_a_shipped_rwx_storage_class():
+    """The claim never falls back to the cluster's default (ReadWriteOnce) class: it names a
+    class that each file under kuberay/storage/ defines, one per cloud, all RWX-capable."""
+    cls = load_one(KUBERAY / "shared-pvc.yaml")["spec"].get("storageClassName")
+    assert cls, "shared-pvc.yaml sets no storageClassName: the default class is ReadWriteOnce on EKS/GKE/AKS"
+    classes = {p.name: load_one(p) for p in STORAGE.glob("*.yaml")}
+    assert len(classes) >= 3, classes
+    for name, sc in classes.items():
+        assert sc["kind"] == "StorageClass" and sc["metadata"]["name"] == cls, f"{name}: not StorageClass {cls}"
+        assert sc["provisioner"] in RWX_PROVISIONERS, f"{name}: {sc['provisioner']} is not a known RWX provisioner"
+        assert sc.get("reclaimPolicy") == "Retain", f"{name}: checkpoints would go with the claim"
+    assert {c["provisioner"] for c in classes.values()} == RWX_PROVISIONERS
+    readme = README.read_text()
+    for name in classes:
+        assert f"infra/kuberay/storage/{name}" in readme, f"README does not name storage/{name}"
 
 
 # negative controls: the checkers catch broken manifests
@@ -412,16 +517,89 @@ def test_checkers_catch_broken_raycluster():
     with pytest.raises(AssertionError):
         check_ray_auth(bad)
 
+    token = {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "other", "key": "auth_token"}}}
+    bad = copy.deepcopy(good)
+    bad["autoscalerOptions"]["env"] = [token]
+    with pytest.raises(AssertionError):
+        check_ray_auth(bad)
+    bad = copy.deepcopy(good)
+    bad["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].append(token)
+    with pytest.raises(AssertionError):
+        check_ray_auth(bad)
+
+    bad = copy.deepcopy(good)
+    bad["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    with pytest.raises(AssertionError):
+        check_image_pull(pod_specs(bad))
+    bad = copy.deepcopy(good)
+    del bad["workerGroupSpecs"][0]["template"]["spec"]["imagePullSecrets"]
+    with pytest.raises(AssertionError):
+        check_image_pull(pod_specs(bad))
+
+    bad = copy.deepcopy(good)
+    del bad["workerGroupSpecs"][0]["template"]["spec"]["securityContext"]["fsGroup"]
+    with pytest.raises(AssertionError):
+        check_shared_storage_writable(bad)
+    bad = copy.deepcopy(good)
+    del bad["headGroupSpec"]["template"]["spec"]["initContainers"]
+    with pytest.raises(AssertionError):
+        check_shared_storage_writable(bad)
+
 
 # --------------------------------------------------------------------------- Dockerfile
 
 
-def test_dockerfile_pins_every_key_package_once():
-    pins = dockerfile_pins()
+def test_constraints_pin_every_key_package_once():
+    pins = constraint_pins()
     missing = [p for p in REQUIRED_PINS if p not in pins]
-    assert not missing, f"Dockerfile does not pin: {missing}"
-    conflicting = {p: v for p, v in pins.items() if len(v) != 1}
-    assert not conflicting, f"Dockerfile pins one package to several versions: {conflicting}"
+    assert not missing, f"constraints.txt does not pin: {missing}"
+
+
+def test_constraints_are_what_this_environment_runs():
+    """The suite runs the supported combination: every pinned package that is installed here
+    has the pinned version (a local label such as +cpu aside)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    wrong = {}
+    for name, pinned in constraint_pins().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue
+        if installed.split("+", 1)[0] != pinned:
+            wrong[name] = f"installed {installed}, constraints.txt {pinned}"
+    assert not wrong, f"not the supported combination: {wrong}"
+
+
+def test_dockerfile_takes_every_version_from_constraints():
+    body = dockerfile_instructions()
+    assert not parse_pins(body), f"Dockerfile pins versions itself: {parse_pins(body)}; use constraints.txt"
+    m = re.search(r"^COPY\s+(?:--\S+\s+)*constraints\.txt\s+(\S+)$", body, re.MULTILINE)
+    assert m, "Dockerfile does not copy constraints.txt"
+    assert re.search(rf"^ENV PIP_CONSTRAINT={re.escape(m.group(1))}$", body, re.MULTILINE), (
+        "constraints.txt is not in force (PIP_CONSTRAINT) in the image")
+    # in force before the first package install
+    assert body.index("PIP_CONSTRAINT") < body.index("pip install --index-url"), "torch installed before the constraints"
+
+
+def test_dockerfile_import_check_uses_the_installed_package():
+    """Run from /app (the WORKDIR holding lora/ and pipelines/), `import lora` would find the
+    source folders and prove nothing about the installed package."""
+    body = dockerfile_instructions()
+    run = next(r for r in body.split("\nRUN ") if "import lora, pipelines" in r)
+    before = run[: run.index("import lora, pipelines")]
+    assert re.search(r"\bcd /(\s|&|;|$)", before), "the import check runs in the source tree"
+
+
+def test_makefile_installs_under_the_constraints():
+    """`make install` uses the same pins as the image: every package install passes
+    -c constraints.txt, and its CPU torch default is the pinned torch."""
+    text = MAKEFILE.read_text()
+    installs = [l for l in text.splitlines() if "pip install" in l and "--upgrade pip" not in l]
+    assert installs and all("-c constraints.txt" in l for l in installs), installs
+    torch_ver = re.search(r"^TORCH_VER\s*\?=\s*(\S+)$", text, re.MULTILINE).group(1)
+    assert torch_ver == constraint_pins()["torch"], f"Makefile TORCH_VER {torch_ver} != constraints.txt torch"
+    assert re.search(r"^\$\(STAMP\):.*\bconstraints\.txt\b", text, re.MULTILINE), "a new pin would not reinstall"
 
 
 def test_dockerfile_base_python_user_workdir():
@@ -430,8 +608,10 @@ def test_dockerfile_base_python_user_workdir():
     frm = [l for l in instr if l.upper().startswith("FROM ")]
     m = re.fullmatch(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu\d+\.\d+", frm[0])
     assert m, f"unexpected base image: {frm[0]}"
-    # torch comes from the PyTorch index for the base image's CUDA version
+    # torch comes from the PyTorch index for the base image's CUDA version, which is 12.x
+    # (the cluster launcher's AMI and the README are written for it)
     assert f"download.pytorch.org/whl/cu{m.group(1)}{m.group(2)}" in text, "torch index does not match the CUDA base"
+    assert m.group(1) == "12", f"CUDA {m.group(1)}.{m.group(2)}: the AMI and README assume CUDA 12.x"
     assert "python3.11" in text
     users = [l.split(None, 1)[1] for l in instr if l.upper().startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the image must end as a non-root user"
@@ -447,7 +627,7 @@ def test_dockerfile_copies_only_existing_project_paths():
         if line.strip().upper().startswith("COPY "):
             parts = [p for p in line.split()[1:] if not p.startswith("--")]
             sources += parts[:-1]
-    assert set(sources) >= {"pyproject.toml", "README.md", "lora", "pipelines", "configs"}
+    assert set(sources) >= {"pyproject.toml", "README.md", "lora", "pipelines", "configs", "constraints.txt"}
     missing = [s for s in sources if not (ROOT / s).exists()]
     assert not missing, f"Dockerfile COPYs paths that do not exist: {missing}"
 
@@ -479,6 +659,16 @@ def test_launcher_schema_rejects_broken_config():
     bad["docker"]["gpus"] = "all"  # not a docker option Ray knows
     with pytest.raises((jsonschema.ValidationError, ValueError)):
         launcher_schema_validate(bad)
+
+
+def test_launcher_pins_an_ami_on_every_node_type():
+    """Without ImageId Ray 2.60 uses its hard-coded Ubuntu 18.04 / CUDA 11.2 Deep Learning AMI."""
+    c = launcher()
+    for name, t in c["available_node_types"].items():
+        ami = t["node_config"].get("ImageId", "")
+        assert re.fullmatch(r"ami-[0-9a-f]{17}", ami), f"{name}: ImageId {ami!r} is not a pinned AMI id"
+    text = LAUNCHER.read_text()
+    assert "base-oss-nvidia-driver-gpu-ubuntu-22.04" in text, "the AMI's origin (and how to refresh it) is not documented"
 
 
 def test_launcher_nodes_image_and_dashboard():
@@ -564,13 +754,14 @@ def test_compose_postgres_and_minio():
 
 
 def test_mlflow_server_version_matches_client_pin():
-    (client,) = dockerfile_pins()["mlflow"]
+    client = constraint_pins()["mlflow"]
     server_df = (INFRA / "mlflow" / "Dockerfile").read_text()
     assert re.search(rf"^FROM ghcr\.io/mlflow/mlflow:v{re.escape(client)}$", server_df, re.MULTILINE)
     assert compose()["services"]["mlflow"]["image"].endswith(f":{client}")
     dep = k8s_docs(MLFLOW_K8S / "mlflow.yaml", "Deployment")[0]
     for c in dep["spec"]["template"]["spec"]["containers"]:
         assert c["image"].endswith(f":{client}")
+    assert re.search(rf"\bboto3=={re.escape(constraint_pins()['boto3'])}\b", server_df), "server boto3 != constraints"
 
 
 def test_compose_checkers_catch_breakage():
@@ -652,6 +843,23 @@ def test_k8s_secret_refs_exist_in_template_with_placeholders_only():
     assert refs
     missing = [r for r in refs if r[1] not in provided.get(r[0], set())]
     assert not missing, f"secretKeyRefs not in secret.example.yaml: {missing}"
+
+
+def test_k8s_secret_template_leaves_optional_keys_out():
+    """An optional key present in the template is used, placeholder and all: applied as is on
+    AWS, MLFLOW_S3_ENDPOINT_URL: CHANGE_ME would become the S3 endpoint."""
+    optional = []
+    for path in (MLFLOW_K8S / "mlflow.yaml", MLFLOW_K8S / "postgres.yaml"):
+        def visit(d):
+            ref = d.get("secretKeyRef")
+            if isinstance(ref, dict) and ref.get("optional"):
+                optional.append((ref["name"], ref["key"]))
+        for d in load_docs(path):
+            walk(d, visit)
+    assert ("mlflow-s3", "MLFLOW_S3_ENDPOINT_URL") in optional
+    for s in k8s_docs(MLFLOW_K8S / "secret.example.yaml", "Secret"):
+        present = [k for name, k in optional if name == s["metadata"]["name"] and k in (s.get("stringData") or {})]
+        assert not present, f"secret.example.yaml {s['metadata']['name']}: optional keys {present} would be used as is"
 
 
 # --------------------------------------------------------------------------- README
