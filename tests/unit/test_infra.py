@@ -128,12 +128,12 @@ def dockerfile_text() -> str:
 
 def dockerfile_instructions() -> str:
     # comments can mention versions loosely; only instructions count
-    return "\n".join(l for l in dockerfile_text().splitlines() if not l.lstrip().startswith("#"))
+    return "\n".join(line for line in dockerfile_text().splitlines() if not line.lstrip().startswith("#"))
 
 
 def constraint_pins() -> dict[str, str]:
     """name -> version of every pin in constraints.txt (one version per name)."""
-    body = "\n".join(l.split("#", 1)[0] for l in CONSTRAINTS.read_text().splitlines())
+    body = "\n".join(line.split("#", 1)[0] for line in CONSTRAINTS.read_text().splitlines())
     pins = parse_pins(body)
     conflicting = {p: v for p, v in pins.items() if len(v) != 1}
     assert not conflicting, f"constraints.txt pins one package to several versions: {conflicting}"
@@ -595,8 +595,8 @@ def test_makefile_installs_under_the_constraints():
     """`make install` uses the same pins as the image: every package install passes
     -c constraints.txt, and its CPU torch default is the pinned torch."""
     text = MAKEFILE.read_text()
-    installs = [l for l in text.splitlines() if "pip install" in l and "--upgrade pip" not in l]
-    assert installs and all("-c constraints.txt" in l for l in installs), installs
+    installs = [line for line in text.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
     torch_ver = re.search(r"^TORCH_VER\s*\?=\s*(\S+)$", text, re.MULTILINE).group(1)
     assert torch_ver == constraint_pins()["torch"], f"Makefile TORCH_VER {torch_ver} != constraints.txt torch"
     assert re.search(r"^\$\(STAMP\):.*\bconstraints\.txt\b", text, re.MULTILINE), "a new pin would not reinstall"
@@ -604,8 +604,8 @@ def test_makefile_installs_under_the_constraints():
 
 def test_dockerfile_base_python_user_workdir():
     text = dockerfile_text()
-    instr = [l.strip() for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
-    frm = [l for l in instr if l.upper().startswith("FROM ")]
+    instr = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    frm = [line for line in instr if line.upper().startswith("FROM ")]
     m = re.fullmatch(r"FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu\d+\.\d+", frm[0])
     assert m, f"unexpected base image: {frm[0]}"
     # torch comes from the PyTorch index for the base image's CUDA version, which is 12.x
@@ -613,11 +613,11 @@ def test_dockerfile_base_python_user_workdir():
     assert f"download.pytorch.org/whl/cu{m.group(1)}{m.group(2)}" in text, "torch index does not match the CUDA base"
     assert m.group(1) == "12", f"CUDA {m.group(1)}.{m.group(2)}: the AMI and README assume CUDA 12.x"
     assert "python3.11" in text
-    users = [l.split(None, 1)[1] for l in instr if l.upper().startswith("USER ")]
+    users = [line.split(None, 1)[1] for line in instr if line.upper().startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the image must end as a non-root user"
-    workdirs = [l.split(None, 1)[1] for l in instr if l.upper().startswith("WORKDIR ")]
+    workdirs = [line.split(None, 1)[1] for line in instr if line.upper().startswith("WORKDIR ")]
     assert workdirs and workdirs[-1] == "/app"
-    assert not any(l.upper().startswith("ENTRYPOINT") for l in instr), "no ENTRYPOINT: Ray runs its own commands"
+    assert not any(line.upper().startswith("ENTRYPOINT") for line in instr), "no ENTRYPOINT: Ray runs its own commands"
     assert re.search(r"pip install[^\n]* \.(\s|$)", text), "the project itself is not installed"
 
 
@@ -712,7 +712,7 @@ def test_compose_ports_loopback_only():
 def test_compose_credentials_from_env_file():
     c = compose()
     check_compose_env_secrets(c)
-    body = "\n".join(l for l in COMPOSE.read_text().splitlines() if not l.lstrip().startswith("#"))
+    body = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
     used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", body))
     assert used, "compose interpolates no variables from .env"
     example = INFRA / "mlflow" / "env.example"

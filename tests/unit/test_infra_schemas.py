@@ -20,12 +20,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate  # the `dev` extra: installed by `make install`, so never skipped
 import pytest
 import yaml
-
-jsonschema = pytest.importorskip("jsonschema")
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="kubernetes-validate (the `dev` extra) is not installed")
 from referencing import Registry, Resource  # a jsonschema dependency
 
 ROOT = Path(__file__).resolve().parents[2]
