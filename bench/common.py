@@ -126,11 +126,14 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-        # The token comes from the environment, so ~/.ray/auth_token is neither read nor written;
-        # PATH: submitted jobs run `lorapipe` from this venv.
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "VIRTUAL_ENV")}
+        # The token comes from the environment, so ~/.ray/auth_token is neither read nor written.
+        # PATH without this venv's bin: the head is started as `.venv/bin/ray start` by a user who
+        # did not activate the venv, so a submitted job must find its Python without PATH's help.
+        venv_bin = str(Path(sys.executable).parent)
+        path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
         return {**env, "RAY_TMPDIR": str(self.tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+                "PATH": path}
 
     def __enter__(self) -> "RayHead":
         import subprocess

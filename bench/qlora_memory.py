@@ -154,7 +154,7 @@ def build(mode: str, path: str, dtype: str = "bf16"):
     model = load_base_model(path, dtype=dtype, quantization=quant, double_quant=True)
     if mode == "full_bf16":
         model.requires_grad_(True)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         return model
     lcfg = build_lora_config(model, r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear")
     return apply_lora(model, lcfg, gradient_checkpointing=True)

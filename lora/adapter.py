@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -11,6 +12,10 @@ from lora.errors import LoraInputError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; the
+# FutureWarning is about PEFT's code, not anything a lorapipe user can change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -101,7 +106,7 @@ def apply_lora(model: nn.Module, lora_config, *, gradient_checkpointing: bool = 
     if gradient_checkpointing:
         # Reentrant checkpointing: the non-reentrant variant raises CheckpointError on recompute
         # with frozen params under ZeRO-3 in some versions. Inputs must carry grad for it to work.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config)
     trainable, _ = peft_model.get_nb_trainable_parameters()

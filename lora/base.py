@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,19 @@ import torch
 from lora.errors import LoraInputError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _NoOptionalKernelNotice(logging.Filter):
+    """bitsandbytes' CPU backend tries the optional `kernels` package (which fetches a kernel from
+    a hub) and, without it, warns and uses its own kernel. Nothing for a user to act on here: the
+    fallback is what runs, and fetching from a hub is not how lorapipe loads code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        absent = bool(record.args) and isinstance(record.args[0], ModuleNotFoundError)
+        return not (str(record.msg).startswith("Failed to load CPU gemm_4bit_forward") and absent)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoOptionalKernelNotice())
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -172,9 +172,15 @@ def job_metadata(config_name: str, config_rel: str, command: str, commit: Option
     return meta
 
 
-def entrypoint(command: str, config_rel: str, overrides: list[str]) -> str:
+# Run through a launcher that finds the cluster's Python (see the script); `exec` keeps the job
+# supervisor its parent, which the launcher reads.
+JOB_ENTRY = ["exec", "sh", "pipelines/cluster/job_entry.sh"]
+
+
+def entrypoint(command: str, config_rel: str, overrides: list[str], force: bool = False) -> str:
     # Flags before the positionals: argparse cannot take an option between `config` and `overrides*`.
-    return shlex.join(["lorapipe", command, "--no-progress", config_rel, *overrides])
+    flags = ["--no-progress", *(["--force"] if force else [])]
+    return shlex.join([*JOB_ENTRY, command, *flags, config_rel, *overrides])
 
 
 def effective_settings(config: str, overrides: list[str], cfg=None) -> dict:
@@ -235,10 +241,10 @@ def durable_placement(settings: dict, root: Path, local: bool, environ: dict) ->
     if not Path(out).is_absolute():
         place.warnings.append(f"warning: {where}: relative paths land in the job's temporary copy of the project "
                               "and are deleted with it; pass run.output_dir= (and run.storage_path=) on shared "
-                              "storage every node and you can reach (NFS/PVC mount, or s3:// for storage_path)")
+                              "storage every node and you can reach (an NFS/PVC mount)")
     else:
         place.warnings.append(f"warning: {where}: on a multi-node cluster these must be shared storage every node "
-                              "sees (NFS/PVC mount, or s3:// for storage_path), not a node's local disk")
+                              "sees (an NFS/PVC mount), not a node's local disk")
     if mlflow_default:
         place.warnings.append("warning: no MLFLOW_TRACKING_URI here and no mlflow.tracking_uri: the job would log "
                               "to a sqlite file in its temporary working dir; point it at an MLflow server")
@@ -260,10 +266,12 @@ def cmd_submit(args) -> int:
     cfg = None
     if not args.no_validate:
         from pipelines.config.load import load_config
+        from pipelines.plan.verdict import fit_verdict
 
         cfg = load_config(args.config, args.overrides)  # a bad config stops here: nothing is submitted
         if args.command == "tune" and not cfg.tune:
             raise UserError(f"{args.config} has no tune: section, so --command tune has nothing to search")
+        print(fit_verdict(cfg, force=args.force))  # the job checks again on the cluster, with --force if given
     excludes = package_excludes(root, tuple(args.exclude))
     files = packaged_files(root, excludes)
     size = check_package_size(files, root, package_limit_bytes())
@@ -284,7 +292,7 @@ def cmd_submit(args) -> int:
     commit = git_commit(root, mark_dirty=True)  # .git itself is not uploaded
     if commit:
         env_vars.setdefault("LORAPIPE_GIT_COMMIT", commit)
-    command = entrypoint(args.command, config_rel, overrides)
+    command = entrypoint(args.command, config_rel, overrides, force=args.force)
     print(f"packaging {root}: {len(files)} files, {size / 2**20:.1f} MiB")
     if place.overrides or place.env:
         print("cluster head is this machine; outputs kept in this project: "
@@ -304,7 +312,8 @@ SUBMIT_HELP = """\
 Validates CONFIG with the overrides here first (a bad config is refused; nothing is submitted),
 uploads the project (the directory holding pyproject.toml, without .venv, runs, mlruns, *.db,
 .git, caches, wheels and whatever .gitignore/.rayignore/--exclude name; at most Ray's 100 MiB upload
-limit) and runs `lorapipe COMMAND --no-progress CONFIG KEY=VALUE...` as a Ray job.
+limit) and runs `lorapipe COMMAND --no-progress CONFIG KEY=VALUE...` as a Ray job (after the plan's fit
+verdict here: a config that does not fit is refused unless --force).
 
 Environment: MLFLOW_TRACKING_URI (+ _TOKEN/_USERNAME/_PASSWORD), HF_TOKEN, HUGGING_FACE_HUB_TOKEN,
 LORAPIPE_HOME, TRANSFORMERS_VERBOSITY and every --env NAME are passed to the job when set here; their
@@ -318,8 +327,13 @@ submit adds overrides so that a relative run.output_dir (and run.storage_path) l
 project (<project>/runs by default), MLflow, unless MLFLOW_TRACKING_URI or mlflow.tracking_uri is
 set, in sqlite:///<project>/mlflow.db, and builtin: assets in $LORAPIPE_HOME (default
 <project>/.lorapipe). On any other cluster the config is left as is and a warning says so:
-run.output_dir and run.storage_path must be shared storage every node sees (NFS/PVC mount, or
-s3:// for run.storage_path), MLflow a server, and LORAPIPE_HOME shared storage.
+run.output_dir and run.storage_path must be shared storage every node sees (an NFS/PVC mount),
+MLflow a server, and LORAPIPE_HOME shared storage.
+
+The job runs `python -m pipelines.cli COMMAND ...` through pipelines/cluster/job_entry.sh, with the
+Python of the cluster's own Ray environment (found whatever PATH says there), else
+$LORAPIPE_PYTHON (--env), python3 or python; a cluster without lorapipe's dependencies fails the
+job with one line naming what is missing.
 """
 
 
@@ -336,6 +350,8 @@ def add_submit_commands(sub) -> None:
                     help="also forward this environment variable (by name; repeatable)")
     sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                     help="also leave out this gitignore-style pattern (repeatable)")
+    sp.add_argument("--force", action="store_true",
+                    help="submit (and start) even if `lorapipe plan` says it does not fit")
     sp.add_argument("--no-validate", action="store_true",
                     help="skip the local config check (the job then fails with the same one-line error)")
     sp.add_argument("--follow", action="store_true",

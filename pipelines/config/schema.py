@@ -131,9 +131,19 @@ class RunSection(Section):
     name: Optional[str] = Field(None, description="run name; default derived from the config name")
     output_dir: str = Field("runs", description="where run directories are written")
     storage_path: Optional[str] = Field(
-        None, description="Ray storage for checkpoints: a path every node sees, or s3://...; default <output_dir>/_ray")
+        None, description="Ray storage for checkpoints: a filesystem path every node sees; default <output_dir>/_ray")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints Ray keeps")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _filesystem_path(cls, v: Optional[str]) -> Optional[str]:
+        # Resume, Tune's restore and early-stopped trials read checkpoints as files; an object
+        # store would need all of those rewritten (and tested) against a filesystem layer.
+        if v and "://" in v:
+            raise ValueError(f"{v!r} is a URI; give a filesystem path every node sees (an NFS/PVC mount such as "
+                             "/mnt/shared/lorapipe): object stores are not supported for checkpoints")
+        return v
 
 
 class MlflowSection(Section):
@@ -213,4 +223,4 @@ class PipelineConfig(Section):
 
     def storage_path(self) -> str:
         path = self.run.storage_path or str(Path(self.run.output_dir) / "_ray")
-        return path if "://" in path else str(Path(path).expanduser().resolve())
+        return str(Path(path).expanduser().resolve())

@@ -4,5 +4,3 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input: a config value, a missing file, a bad version. Message is one line."""
-
-    exit_code = 2

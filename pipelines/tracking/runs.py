@@ -61,12 +61,20 @@ def artifact_root(uri: str) -> Optional[str]:
     return None
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it is model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(c, name: str, uri: str) -> str:
+    """The experiment's id, created (model-training kind) when it does not exist yet."""
     exp = c.get_experiment_by_name(name)
-    if exp:
-        return exp.experiment_id
-    root = artifact_root(uri)
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    if exp is None:
+        root = artifact_root(uri)
+        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                   tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older lorapipe or by hand
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,

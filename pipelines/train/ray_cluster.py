@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Optional
 
 from pipelines.core.errors import UserError
@@ -75,9 +76,31 @@ def warn_if_not_shared(cfg) -> None:
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         print(f"warning: MLflow store {uri} is local to this node; on a {len(nodes)}-node cluster rank 0 "
               "logs from another node. Set MLFLOW_TRACKING_URI to a server.")
-    if "://" not in cfg.storage_path():
-        print(f"warning: run.storage_path {cfg.storage_path()} must be shared storage visible to all "
-              f"{len(nodes)} nodes (NFS mount or s3://...)")
+    fstype = filesystem_type(cfg.storage_path())
+    if fstype not in SHARED_FILESYSTEMS and not fstype.startswith("fuse"):
+        print(f"warning: run.storage_path {cfg.storage_path()} is on a local {fstype or 'unknown'} filesystem; "
+              f"it must be shared storage visible to all {len(nodes)} nodes (an NFS/PVC mount)")
+
+
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "9p"}
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem `path` is (or would be) on: the mount with the longest matching
+    prefix of its nearest existing parent."""
+    import psutil
+
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    target = str(existing.resolve())
+    best = ("", "")
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint.rstrip("/") or "/"
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best[0]):
+            best = (mount, part.fstype)
+    return best[1]
 
 
 def driver_node_label() -> dict:

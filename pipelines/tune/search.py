@@ -130,7 +130,7 @@ def stopped_trial_run_dir(cfg: PipelineConfig, storage: str, out_dir: Path, row:
     run_dir = out_dir / f"trial_{row['trial_id']}"
     if run_dir.is_dir():
         return str(run_dir)
-    ckpt = latest_complete_checkpoint(Path(storage) / f"trial_{row['trial_id']}") if "://" not in storage else None
+    ckpt = latest_complete_checkpoint(Path(storage) / f"trial_{row['trial_id']}")
     if ckpt is None:
         return None
     out = run_dir_from_checkpoint(ckpt, run_dir, source_model=cfg.model.path,
@@ -179,7 +179,7 @@ def tune(cfg: PipelineConfig, *, progress: bool = True, resume: bool = False) ->
     out_dir = Path(cfg.run.output_dir) / name
     storage = cfg.storage_path()
     exp_path = f"{storage}/{name}"
-    if not resume and Path(exp_path).exists() and "://" not in storage:
+    if not resume and Path(exp_path).exists():
         raise UserError(f"a search named {name!r} already exists at {exp_path}; pass --resume to continue it "
                         "or set tune.name=...")
     preflight(cfg)

@@ -162,7 +162,7 @@ def test_jobs_list_shows_the_submitted_jobs(ray_head):
     assert r.returncode == 0, r.stderr
     for job_id in SUBMITTED:
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(job_id))
-        assert "tiny-cpu" in line and "lorapipe train --no-progress configs/tiny-cpu.yaml" in line
+        assert "tiny-cpu" in line and "job_entry.sh train --no-progress configs/tiny-cpu.yaml" in line
 
 
 def test_unknown_job_and_unreachable_cluster_are_one_line_errors(ray_head):

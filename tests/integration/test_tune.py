@@ -45,6 +45,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lorapipe-tiny-tune")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     runs = client.search_runs([exp.experiment_id])
     for name in finished_before:
         trial_id = name.removeprefix("trial_")

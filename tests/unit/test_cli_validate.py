@@ -23,6 +23,7 @@ SUBPROCESS_CASES = {
     "ok": ("validate", TINY),
     "typo": ("validate", TINY, "lora.rr=3"),
     "missing": ("validate", "configs/does-not-exist.yaml"),
+    "tune_typo": ("validate", "configs/tiny-cpu-tune.yaml", "tune.asha.grace_periode=4"),
 }
 
 
@@ -84,6 +85,25 @@ def test_validate_missing_config_file_exits_2(cli_runs):
     proc = cli_runs["missing"]
     line = assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
     assert "config file not found" in line and "does-not-exist.yaml" in line
+
+
+def test_validate_rejects_a_misspelled_tune_key(cli_runs):
+    proc = cli_runs["tune_typo"]
+    line = assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
+    assert "'tune.asha.grace_periode'" in line and "did you mean 'tune.asha.grace_period'" in line
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("tune.space={lora.rank: {choice: [4, 8]}}", "tune.space key 'lora.rank' is not a config key; did you mean 'lora.r'"),
+    ("tune.space={train.lr: {loguniform: [0.1, 0.01]}}", "loguniform range [0.1, 0.01] is empty or inverted"),
+    ("tune.space={lora.r: {choice: [4, 0]}}", "tune.space.lora.r"),
+    ("tune.metric=accuracy", "tune.metric: 'accuracy' is not produced by training"),
+    ("tune.asha.grace_period=500", "tune.asha.grace_period=500 must be < train.max_steps"),
+])
+def test_validate_checks_the_tune_section_at_load(run_main, override, expected):
+    code, out, err = run_main("validate", "configs/tiny-cpu-tune.yaml", override)
+    line = assert_one_line_error(code, out, err)
+    assert expected in line
 
 
 # --------------------------------------------------------------------------- in-process

@@ -93,7 +93,7 @@ def test_override_with_credentials_is_refused_without_echoing_them():
 def test_entrypoint_quotes_every_argument():
     overrides = ["data.path=my data/set.jsonl", "name=it's", "lora.target_modules=[q_proj, v_proj]", "x=$(rm -rf ~)"]
     line = sub.entrypoint("train", "configs/my cfg.yaml", overrides)
-    assert shlex.split(line) == ["lorapipe", "train", "--no-progress", "configs/my cfg.yaml", *overrides]
+    assert shlex.split(line) == [*sub.JOB_ENTRY, "train", "--no-progress", "configs/my cfg.yaml", *overrides]
 
 
 def test_config_must_be_inside_the_project(project, tmp_path):
@@ -184,7 +184,7 @@ def test_submit_passes_secrets_to_the_job_but_never_prints_them(monkeypatch, cap
     assert "lorapipe jobs logs raysubmit_fake --follow --address http://127.0.0.1:8265" in printed
     # Local head, MLFLOW_TRACKING_URI set: outputs and builtin assets pinned to the project, MLflow left to the env.
     args = shlex.split(client.submitted["entrypoint"])
-    assert args[:4] == ["lorapipe", "train", "--no-progress", "configs/tiny-cpu.yaml"]
+    assert args[:6] == [*sub.JOB_ENTRY, "train", "--no-progress", "configs/tiny-cpu.yaml"]
     assert f"run.output_dir={project.resolve() / 'runs'}" in args
     assert not any(a.startswith("mlflow.tracking_uri=") for a in args)
     assert env["LORAPIPE_HOME"] == os.environ["LORAPIPE_HOME"]  # set here (tests/conftest.py): kept
@@ -195,7 +195,7 @@ def test_submit_to_a_remote_head_leaves_paths_and_warns(monkeypatch, capsys, pro
     rc, client = _submit(monkeypatch, project, local=False)
     err = capsys.readouterr().err
     assert rc == 0
-    assert shlex.split(client.submitted["entrypoint"])[4:] == []
+    assert shlex.split(client.submitted["entrypoint"])[6:] == []
     assert "warning: run.output_dir=runs" in err and "temporary copy" in err
 
 
@@ -255,3 +255,19 @@ def test_options_may_sit_between_config_and_overrides():
                                       "--follow", "b=2", "--env", "AWS_PROFILE", "c=3"])
     assert (args.config, args.overrides, args.address, args.follow, args.env) == \
         ("configs/tiny-cpu.yaml", ["a=1", "b=2", "c=3"], "http://h:8265", True, ["AWS_PROFILE"])
+
+
+def test_job_entry_without_lorapipes_python_fails_in_one_line(tmp_path):
+    """A cluster node whose Pythons lack lorapipe's dependencies: the job fails with exit 2 and one
+    line naming what each candidate lacks (the found case runs in tests/integration/test_submit.py,
+    whose head has the venv off PATH)."""
+    import subprocess
+
+    script = Path(sub.__file__).with_name("job_entry.sh")
+    # No exec: the script's parent is this `sh`, which has no Ray loaded, like a bare node.
+    out = subprocess.run(["/bin/sh", "-c", f"sh {script} train --no-progress configs/tiny-cpu.yaml"],
+                         env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorapipe: error: no Python on this cluster node")
+    assert "python3 (lacks" in lines[0] or "python3 (not found)" in lines[0]
