@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 TORCH_VER ?= 2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-unit test-integration bench clean
+.PHONY: install demo lint test test-unit test-integration bench clean
 
 install: $(STAMP)
 
@@ -34,7 +34,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/lorapipe demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Lint first: a ruff failure fails the suite.
+test: lint
 	$(BIN)/python -m pytest -q -ra tests
 
 test-unit: $(STAMP)
