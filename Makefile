@@ -13,9 +13,9 @@ install: $(STAMP)
 # torch goes in first: an unpinned torch pulled in by another package would be a multi-GB CUDA
 # build. Where a CUDA driver is present the default (CUDA) wheel is what we want instead.
 # deepspeed compiles against the installed torch, so it is built without isolation. On CPU its
-# communication backend loads a shared-memory op at every start: built here (about a minute),
-# else the first training run would JIT-compile it (~35 s before its first step, and a C++
-# compiler needed at run time). --no-cache-dir: a cached wheel built without the op would win.
+# communication backend loads a shared-memory op at every start: built here (at install time),
+# else the first training run would JIT-compile it before its first step (and need a C++
+# compiler at run time). --no-cache-dir: a cached wheel built without the op would win.
 # Every install is held to constraints.txt, the pins the training image uses too (TORCH_VER
 # must equal its torch pin; tests/unit/test_infra.py checks).
 $(STAMP): pyproject.toml constraints.txt

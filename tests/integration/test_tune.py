@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import session_pids
 
 pytestmark = pytest.mark.integration
 LORAPIPE = str(Path(sys.executable).with_name("lorapipe"))
@@ -30,11 +31,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     deadline = time.time() + 420
     while time.time() < deadline and not _finished_trials(exp_dir):
         time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
+    _kill_session(proc)  # the driver and the local Ray it started: exactly the processes of its session
     finished_before = _finished_trials(exp_dir)
     assert finished_before, "no trial finished before the kill"
-    subprocess.run(["pkill", "-9", "-f", f"{tmp_path}"], check=False)  # stray workers of that Ray
     out = subprocess.run([LORAPIPE, "tune", *args, "--resume", "--no-progress"], capture_output=True, text=True,
                          timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -88,6 +87,33 @@ def test_search_stops_early_and_best_trains(ray_local, tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "run directory" in out.stdout
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the session `proc` leads (started with start_new_session=True): the
+    driver, the Ray it started and that Ray's workers, which set process groups of their own but stay
+    in the session. Nothing outside it is touched."""
+    deadline = time.time() + 30
+    while True:
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.poll()  # reap the driver, or it stays listed as a zombie of this session
+        left = [pid for pid in session_pids(proc.pid) if not _is_zombie(pid)]
+        if not left:
+            proc.wait()
+            return
+        assert time.time() < deadline, f"processes of the killed search still alive: {left}"
+        time.sleep(0.5)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _finished_trials(exp_dir: Path) -> set[str]:

@@ -41,19 +41,22 @@ def test_header_reports_machine_versions_and_spread():
 
 def test_memory_floor_counts_match_llama_1b_and_peft():
     import torch
+    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora import build_lora_config, expected_trainable_params
+    from lora import build_lora_config
 
     mem = load("qlora_memory")
     c = mem.shape_counts(mem.SHAPES["1b"])
     assert c["total"] == 1_235_814_400  # Llama-3.2-1B, tied embeddings
+    assert c["adapter"] == 11_272_192  # PEFT's count for r=16 all-linear on it (bench/results/gpu_step_h100.json)
     shape = mem.SHAPES["tiny"]
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**shape))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
     assert sum(p.numel() for p in model.parameters()) == mem.shape_counts(shape)["total"]
     lcfg = build_lora_config(model, r=mem.LORA_R, alpha=mem.LORA_ALPHA)
-    assert mem.shape_counts(shape)["adapter"] == expected_trainable_params(model, lcfg)
+    # What stock PEFT really makes trainable, not lora/'s formula for it.
+    assert mem.shape_counts(shape)["adapter"] == get_peft_model(model, lcfg).get_nb_trainable_parameters()[0]
     f = mem.floors(mem.SHAPES["1b"], 256)
     assert f["qlora_nf4"] < f["lora_bf16"] < f["full_bf16"]
     assert 1.2e9 < f["qlora_nf4"] < 2.0e9  # ~0.5 GB NF4 + 0.5 GB bf16 embedding + adapter + activations
@@ -74,7 +77,10 @@ def test_qlora_memory_tiny_child_writes_peaks(tmp_path):
     assert 0 < m["peak_anon"] <= m["peak_rss"]
     assert m["peak_anon"] >= m["phases"]["imports"]["rss_anon"]
     assert m["tensors"]["trainable_params"] == r["counts"]["adapter"]
-    assert r["qlora_ratio"] == pytest.approx(m["peak_anon"] / r["floors_bytes"]["qlora_nf4"])
+    # Resident memory holds at least the tensors the child counted; the floor leaves the runtime out,
+    # so a measured peak is above it.
+    assert m["peak_anon"] >= m["tensors"]["total"] > 0
+    assert r["qlora_ratio"] > 1
     assert out.with_suffix(".png").is_file()
 
 

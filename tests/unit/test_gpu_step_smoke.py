@@ -41,8 +41,7 @@ def test_tiny_lora_on_cpu_writes_the_report(tmp_path):
         assert c["tokens_per_s"][key] > 0 and c["step_time_s"][key] > 0
     assert c["tokens_per_s"]["min"] <= c["tokens_per_s"]["median"] <= c["tokens_per_s"]["max"]
     assert c["tokens_per_step"] == 32
-    assert c["flops_per_token"]["total"] == c["flops_per_token"]["dense_4n"] + c["flops_per_token"]["attention"]
-    assert c["flops_per_token"]["dense_4n"] == 4 * c["n_params"]
+    assert c["flops_per_token"]["total"] > c["flops_per_token"]["dense_4n"] > 0  # the formula: next test
     assert c["mfu"] > 0 and c["mfu_dense_only"] > 0 and c["peak_bf16_tflops_source"] == "--peak-tflops"
     assert c["adapter"]["trainable_params"] > 0 and c["loss"]["finite"]
     assert c["memory"]["cpu_max_rss_bytes"] > 0 and c["memory"]["peak_allocated_bytes"] is None
@@ -67,6 +66,29 @@ def test_param_count_formula_matches_built_models_and_published_counts():
     assert bench.base_param_count(cfg) == LlamaForCausalLM(cfg).num_parameters()
     assert bench.base_param_count(bench.llama_config("8b", 2048)) == 8_030_261_248  # Llama-3-8B
     assert bench.base_param_count(bench.llama_config("1b", 2048)) == 1_235_814_400  # Llama-3.2-1B
+
+
+def test_flops_per_token_formula_matches_torch_flop_counter():
+    """The MFU numerator against torch's own FLOP count of a forward + backward through a frozen
+    tiny Llama (activation gradients only, as with a frozen base). The formula counts the input
+    embedding in 4N by convention (a lookup costs no FLOPs), so that term is taken out; eager
+    attention, since torch's counter has no formula for the CPU sdpa kernel."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaForCausalLM
+
+    bench, seq = load_bench(), 64
+    cfg = bench.llama_config("tiny", seq)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).requires_grad_(False)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+    counted = counter.get_total_flops() / ids.numel()
+    formula = bench.flops_per_token(cfg, seq, bench.base_param_count(cfg))
+    assert counted == pytest.approx(formula["total"] - 4 * cfg.vocab_size * cfg.hidden_size, rel=0.01)
 
 
 def test_peak_flops_table_and_override():
