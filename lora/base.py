@@ -144,9 +144,9 @@ def map_large_blocks_directly() -> None:
     """QLoRA on CPU: blocks of 2 MiB and more (layer activations, the weights bitsandbytes
     dequantizes for each matmul) are mapped from the OS and returned on free. By default glibc
     raises this threshold as such blocks are freed and serves them from its heap, which they then
-    fragment: on a 1.2B Llama the step's peak anonymous memory grew from 2.5 to 3.0 GiB over the
-    first six steps (1.54 x the computed floor; 1.25 x with this, flat after three steps), against
-    10-20% slower steps from the page faults of fresh mappings. QLoRA is the memory-first choice,
+    fragment, so the peak grows step after step (bench/qlora_memory.py: 1.25 x the computed floor
+    with this, 1.51 x and growing without; bench/results/qlora_memory.json), against slower steps
+    from the page faults of fresh mappings. QLoRA is the memory-first choice,
     so this is its default on CPU; an explicit MALLOC_MMAP_THRESHOLD_ in the environment wins."""
     import os
 
