@@ -1,8 +1,8 @@
 """Who may register and promote, against a real `mlflow server --app-name basic-auth` on 127.0.0.1.
 
-The roles are granted exactly as the README's "Access control" section shows: as the admin,
-create the users and the experiment and the registered models, give the training identity EDIT
-on them and the release identity MANAGE on the models; the reader relies on the server's
+The roles are granted by running the Python block of the README's "Access control" section as
+the admin: users, the experiment and the registered models, EDIT for the training identity,
+MANAGE on the models for the release identity; the reader relies on the server's
 default_permission = READ. lorapipe speaks as whichever user the environment names.
 """
 from __future__ import annotations
@@ -18,17 +18,21 @@ from test_registry import make_run_dir
 from test_services import _everything_in_mlflow, _texts_of_tree
 
 pytestmark = pytest.mark.integration
-NAME = "authtest"
+NAME = "tiny-reverse"  # registry.name of configs/tiny-cpu.yaml, as the README's grant commands name it
 MERGED = f"{NAME}-merged"
 EXPERIMENT = "lorapipe-tiny"  # mlflow.experiment of configs/tiny-cpu.yaml, which the run directory keeps
 CRED_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PASSWORDS = {user: f"pw-{user}-{secrets.token_urlsafe(12)}" for user in ("admin", "trainer", "release", "reader")}
+ROOT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = ROOT / "infra" / "mlflow" / "auth-entrypoint.sh"
+README = ROOT / "README.md"
 OUTPUTS: dict[str, str] = {}  # everything lorapipe printed, scanned for credentials at the end
 
 
 class AuthMlflowServer(MlflowServer):
-    """MlflowServer with MLflow's basic-auth app: users in a sqlite store of its own, the admin's
-    password from the environment (never in the config file)."""
+    """MlflowServer with MLflow's basic-auth app, started the way the server image starts it:
+    infra/mlflow/auth-entrypoint.sh writes the auth config from the environment (users in a sqlite
+    store of their own here), the admin's password comes from the environment only."""
 
     def start(self, timeout: float = 300) -> "AuthMlflowServer":
         import subprocess
@@ -36,15 +40,14 @@ class AuthMlflowServer(MlflowServer):
         import time
         import urllib.request
 
-        ini = self.root / "basic_auth.ini"
-        ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                       f"database_uri = sqlite:///{self.root / 'auth.sqlite'}\nadmin_username = admin\n"
-                       "auth_cache_ttl_seconds = 60\n")  # one password hash check per user, not per request
-        env = {**{k: v for k, v in os.environ.items() if k not in CRED_VARS}, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        env = {**{k: v for k, v in os.environ.items() if k not in CRED_VARS},
+               "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "basic_auth.ini"),
+               "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{self.root / 'auth.sqlite'}",
+               "MLFLOW_AUTH_CACHE_TTL_SECONDS": "60",  # one password hash check per user, not per request
                "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"], "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers: a faster start
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+            ["sh", str(ENTRYPOINT), str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
              "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}", "--artifacts-destination",
              str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             env=env, stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,21 +77,22 @@ def as_user(user: str | None, password: str | None = None):
                 os.environ[k] = v
 
 
-def grant_pipeline_roles(uri: str) -> None:
-    """The README's grant commands, run as the admin."""
-    from mlflow import MlflowClient
-    from mlflow.server import get_app_client
+def readme_grant_commands() -> str:
+    """The Python block of the README's "Access control" section, verbatim."""
+    text = README.read_text()
+    section = text[text.index("### Access control"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
 
-    admin = get_app_client("basic-auth", tracking_uri=uri)
-    for user in ("trainer", "release", "reader"):
-        admin.create_user(user, PASSWORDS[user])
-    c = MlflowClient(uri)
-    experiment_id = c.create_experiment(EXPERIMENT)
-    admin.grant_user_permission("trainer", "experiment", experiment_id, "EDIT")
-    for model in (f"{NAME}-adapter", f"{NAME}-merged"):
-        c.create_registered_model(model)
-        admin.grant_user_permission("trainer", "registered_model", model, "EDIT")
-        admin.grant_user_permission("release", "registered_model", model, "MANAGE")
+
+def grant_pipeline_roles(uri: str) -> None:
+    """Run the README's grant commands as the admin, as a new user would paste them."""
+    saved = dict(os.environ)
+    os.environ.update({f"{user.upper()}_PASSWORD": pw for user, pw in PASSWORDS.items()}, MLFLOW_TRACKING_URI=uri)
+    try:
+        exec(compile(readme_grant_commands(), "README.md (Access control)", "exec"), {})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +155,7 @@ def test_training_identity_registers_and_moves_candidate_but_not_champion(server
         for force in ((), ("--force", "--reason", "try")):
             rc, err = lorapipe(capsys, f"trainer champion {force}", "promote", MERGED, "1", *force, "--tracking-uri", uri)
             assert rc == 2 and err.count("\n") == 1
-            assert "MANAGE permission on registered model 'authtest-merged'" in err and "'trainer' has EDIT" in err
+            assert "MANAGE permission on registered model 'tiny-reverse-merged'" in err and "'trainer' has EDIT" in err
     tags = version_tags(uri, "1")
     assert tags["lorapipe.promoted.candidate.by"] == "trainer"  # the server's identity, not the local login
     assert champion_version(uri) is None  # refused before any write: no alias, no champion tag
@@ -205,7 +209,7 @@ def test_reader_resolves_and_downloads_but_cannot_register_or_move_aliases(serve
         assert rc == 2 and err.count("\n") == 1
         assert "registering needs EDIT permission on experiment 'lorapipe-tiny'; MLflow user 'reader' has READ" in err
         rc, err = lorapipe(capsys, "reader candidate", "promote", MERGED, "1", "--alias", "candidate", "--tracking-uri", uri)
-        assert rc == 2 and "EDIT permission on registered model 'authtest-merged'" in err and "has READ" in err
+        assert rc == 2 and "EDIT permission on registered model 'tiny-reverse-merged'" in err and "has READ" in err
     with as_user("admin"):
         c = admin_client(uri)
         assert len(c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id])) == runs_before  # nothing begun
@@ -227,7 +231,8 @@ def test_wrong_password_and_missing_credentials_are_one_line_errors(server, caps
 
 def test_no_credential_in_anything_logged_or_printed(server, run_dir, tmp_path):
     with as_user("admin"):
-        blobs = {**_everything_in_mlflow(server.uri, tmp_path / "downloaded"), **_texts_of_tree(run_dir.path), **OUTPUTS}
+        blobs = {**_everything_in_mlflow(server.uri, tmp_path / "downloaded"), **_texts_of_tree(run_dir.path), **OUTPUTS,
+                 "the auth app's config file": (server.root / "basic_auth.ini").read_text()}
     assert any("adapter_model.safetensors" in k for k in blobs) and len(OUTPUTS) >= 10  # the scan saw it all
     leaks = [(where, user) for where, blob in blobs.items() for user, pw in PASSWORDS.items()
              if pw.encode() in (blob.encode() if isinstance(blob, str) else blob)]
