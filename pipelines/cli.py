@@ -285,6 +285,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("lorapipe: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # MLflow refused the credentials or a permission: one line, not a traceback
+        from pipelines.tracking.auth import access_error
+
+        denied = access_error(e)
+        if denied is None:
+            raise
+        print(f"lorapipe: error: {denied}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

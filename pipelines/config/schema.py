@@ -168,6 +168,8 @@ class RegistrySection(Section):
     gate_metric: str = Field("eval_loss", description="metric compared on promotion")
     gate_mode: Literal["min", "max"] = Field("min", description="min: lower is better")
     margin: float = Field(0.0, ge=0.0, description="required improvement over the current champion")
+    protected_aliases: list[str] = Field(["champion"], description="aliases only an identity with MANAGE on the "
+                                         "registered model may move (champion always is); recorded on the model")
 
 
 class PipelineConfig(Section):

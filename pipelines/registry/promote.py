@@ -2,13 +2,13 @@
 forced moves are recorded (who, when, why) as version tags."""
 from __future__ import annotations
 
-import getpass
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from pipelines.core.errors import UserError
 from pipelines.registry.register import check_name
+from pipelines.tracking.auth import authorize_alias_move
 from pipelines.tracking.runs import client as mlflow_client
 from pipelines.tracking.runs import reachable, with_retries
 
@@ -66,6 +66,7 @@ def promote(name: str, version: str, alias: str = "champion", *, force: bool = F
     c = mlflow_client(tracking_uri)
     check_name(name)
     candidate = get_version(c, name, version)
+    who = authorize_alias_move(tracking_uri, c, name, alias)  # before any write; names a missing permission
     gate = gate or Gate(candidate.tags.get("lorapipe.gate_metric", "eval_loss"),
                         candidate.tags.get("lorapipe.gate_mode", "min"),
                         float(candidate.tags.get("lorapipe.gate_margin", "0.0")))
@@ -82,9 +83,9 @@ def promote(name: str, version: str, alias: str = "champion", *, force: bool = F
                                     f"({better} by more than {gate.margin:g} needed); use --force to override")
     with_retries(lambda: c.set_registered_model_alias(name, alias, str(version)), what="set alias")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    note = {f"lorapipe.promoted.{alias}.at": stamp, f"lorapipe.promoted.{alias}.by": getpass.getuser()}
+    note = {f"lorapipe.promoted.{alias}.at": stamp, f"lorapipe.promoted.{alias}.by": who.audit_name}
     if force:
-        note.update({f"lorapipe.forced.{alias}.by": getpass.getuser(), f"lorapipe.forced.{alias}.at": stamp,
+        note.update({f"lorapipe.forced.{alias}.by": who.audit_name, f"lorapipe.forced.{alias}.at": stamp,
                      f"lorapipe.forced.{alias}.reason": reason or "(no reason given)"})
     for k, v in note.items():
         with_retries(lambda: c.set_model_version_tag(name, str(version), k, v), what="tag version")

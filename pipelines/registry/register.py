@@ -14,6 +14,7 @@ from typing import Optional
 
 from pipelines.artifacts.rundir import RunDir
 from pipelines.core.errors import UserError
+from pipelines.tracking.auth import authorize_registration, record_protected_aliases
 from pipelines.tracking.runs import client as mlflow_client
 from pipelines.tracking.runs import reachable, start_run, with_retries
 
@@ -87,6 +88,7 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
     uri = tracking_uri or cfg.tracking_uri()
     reachable(uri)
     c = mlflow_client(uri)
+    authorize_registration(uri, c, cfg.mlflow.experiment, (f"{name}-adapter", f"{name}-merged"))  # before any upload
     digest = run.digest_of("adapter/adapter_model.safetensors")
 
     existing_a, existing_m = _find_versions(c, f"{name}-adapter", digest), _find_versions(c, f"{name}-merged", digest)
@@ -119,6 +121,7 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
                        ("merged", "base + adapter merged (dequantize-then-merge for QLoRA)")):
         model_name = f"{name}-{kind}"
         with_retries(lambda: _ensure_registered_model(c, model_name, desc), what="create registered model")
+        with_retries(lambda: record_protected_aliases(c, model_name, cfg.registry.protected_aliases), what="tag registered model")
         mv = with_retries(lambda: c.create_model_version(model_name, source=f"{artifact_uri}/{kind}", run_id=run_id,
                                                          tags={**version_tags, "lorapipe.kind": kind}),
                           what="create model version")

@@ -26,12 +26,18 @@ def client(uri: str):
 
 
 def with_retries(fn: Callable[[], T], *, attempts: int = 4, first_delay: float = 0.5, what: str = "MLflow call") -> T:
-    """Bounded exponential backoff (0.5, 1, 2 s...); the last error propagates."""
+    """Bounded exponential backoff (0.5, 1, 2 s...); the last error propagates. A refusal (HTTP
+    401/403) is not transient: it becomes a one-line UserError at once, naming the permission."""
+    from pipelines.tracking.auth import access_error
+
     delay = first_delay
     for i in range(attempts):
         try:
             return fn()
         except Exception as e:  # network, HTTP 5xx, sqlite locked: all retryable here
+            denied = access_error(e, what)
+            if denied is not None:
+                raise denied from None
             if i == attempts - 1:
                 raise
             log.warning("%s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
@@ -200,6 +206,8 @@ def reachable(uri: str) -> None:
     c = client(uri)
     try:
         with_retries(lambda: c.search_experiments(max_results=1), attempts=3, what="MLflow server check")
+    except UserError:  # reached, but it refused the credentials
+        raise
     except Exception as e:
         raise UserError(f"MLflow at {redact_uri(uri)} is unreachable "
                         f"({type(e).__name__}); nothing was registered") from None
