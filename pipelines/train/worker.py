@@ -75,7 +75,9 @@ def build_engine(cfg: PipelineConfig, model):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+        # Fused AdamW (one kernel for every adapter tensor) where the parameters are on a GPU.
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
+                                      fused=params[0].is_cuda)
 
     def scheduler(opt):  # DeepSpeed steps it at each optimizer step
         return get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
