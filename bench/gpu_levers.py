@@ -49,6 +49,7 @@ LEVERS = {  # name -> changes from the bare loop
     "liger_kernels": {"liger_kernels": True, "loss": "best"},  # patches the model in place: after the others
     "product": {"path": "product"}, "product_chunked": {"path": "product", "loss": "chunked"},
 }
+GROUP_RESERVE_S = 120  # what a (size, mode) group still to come keeps of the budget (8B QLoRA: ~2 min)
 DEFAULTS = {"path": "bare", "loss": "plain", "ckpt": "none", "fused_adamw": True, "sdpa": "default",
             "compile": False, "liger_kernels": False}
 
@@ -336,7 +337,7 @@ def parse_args(argv):
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--budget-s", type=float, default=280.0, help="seconds for everything; groups share what is left")
+    p.add_argument("--budget-s", type=float, default=290.0, help="seconds for everything; groups share what is left")
     p.add_argument("--out", default=None, help="default: bench/results/gpu_levers_<device>.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -380,7 +381,8 @@ def main(argv=None) -> int:
                 report["configs"].append({"config": ",".join(configs), "size": size, "mode": mode, "status": "cut",
                                           "note": "time budget spent before this group"})
                 continue
-            report["configs"] += run_child(size, mode, configs, args, left / (len(groups) - i))
+            after = len(groups) - i - 1  # groups still to run: each keeps GROUP_RESERVE_S, or a fair share
+            report["configs"] += run_child(size, mode, configs, args, max(left / (after + 1), left - GROUP_RESERVE_S * after))
             add_ratios(report["configs"])
             report["wall_s"] = round(time.monotonic() - t0, 1)
             out.write_text(json.dumps(report, indent=2) + "\n")
