@@ -78,8 +78,6 @@ def loss_kind(lever: dict, device) -> tuple[str, int]:
     kind = lever["loss"]
     if kind == "best":
         kind = "fused" if fused_backend(device) else "chunked"
-    if kind in ("liger", "cce"):
-        kind = "fused"  # fused_backend picks liger first; cce runs when only it is installed
     return kind, 1024
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100  # transformers' ignore_index, and pipelines.data.prepare's
-LossKind = Literal["plain", "chunked", "fused"]
+LossKind = Literal["plain", "chunked", "fused", "liger", "cce"]  # liger/cce: that kernel, no fallback
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -119,14 +119,15 @@ def fused_linear_cross_entropy(hidden, weight, labels, backend: str) -> torch.Te
     if backend == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")(weight, flat, targets)
-        return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) where z-loss is asked for
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")(weight, flat, targets)
     from cut_cross_entropy import linear_cross_entropy
 
     return linear_cross_entropy(flat, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean")
 
 
 def linear_cross_entropy(hidden, weight, labels, kind: LossKind, chunk_tokens: int) -> torch.Tensor:
+    if kind in ("liger", "cce"):
+        return fused_linear_cross_entropy(hidden, weight, labels, kind)
     if kind == "fused" and (backend := fused_backend(hidden.device)) is not None:
         return fused_linear_cross_entropy(hidden, weight, labels, backend)
     if kind == "plain":
