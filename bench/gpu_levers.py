@@ -222,7 +222,7 @@ def run_group(size: str, mode: str, names: list[str], args, emit) -> None:
 
     import lora
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # as a worker names it
     cfg = gs.llama_config(size, args.seq)
     n = gs.base_param_count(cfg)
     flops = gs.flops_per_token(cfg, args.seq, n)
