@@ -10,7 +10,9 @@ a worker runs (forward with labels, backward, clip, fused AdamW on the adapter o
 
 Each (size, mode) runs in a child process, so one crash or OOM cannot skew or lose the others,
 and the JSON is rewritten after every config, so a run cut short keeps what it measured.
-bitsandbytes is optional: without it QLoRA is skipped with a note.
+bitsandbytes is optional: without it QLoRA is skipped with a note. lorapipe's own step (the
+worker's build_model/build_engine with DeepSpeed) beside this loop, and each speed/memory lever:
+bench/gpu_levers.py.
 """
 from __future__ import annotations
 

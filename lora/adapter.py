@@ -98,15 +98,19 @@ def expected_trainable_params(model: nn.Module, lora_config) -> int:
     return total
 
 
-def apply_lora(model: nn.Module, lora_config, *, gradient_checkpointing: bool = False):
-    """Wrap the frozen base with the adapter; the trainable count must equal the formula."""
+def apply_lora(model: nn.Module, lora_config, *, gradient_checkpointing: bool = False, checkpoint_every: int = 1):
+    """Wrap the frozen base with the adapter; the trainable count must equal the formula.
+
+    `checkpoint_every`=k recomputes only the decoder layers whose index is a multiple of k (1: all).
+    """
     from peft import get_peft_model
 
     expected = expected_trainable_params(model, lora_config)
     if gradient_checkpointing:
         # Reentrant checkpointing: the non-reentrant variant raises CheckpointError on recompute
         # with frozen params under ZeRO-3 in some versions. Inputs must carry grad for it to work.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True},
+                                              every_n_layers=checkpoint_every)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config)
     trainable, _ = peft_model.get_nb_trainable_parameters()

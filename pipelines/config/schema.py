@@ -41,7 +41,10 @@ class ModelSection(Section):
     quant_storage: Optional[DType] = Field(
         None, description="storage dtype of packed 4-bit weights; None = uint8 (ZeRO-3 needs = dtype)")
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    activation_checkpointing: Literal["none", "all", "every_k", "auto"] = Field(
+        "none", description="recompute decoder layers in backward: none, all, every checkpoint_every_k-th, or "
+        "auto (the fastest setting the plan says fits the device)")
+    checkpoint_every_k: int = Field(2, ge=1, description="activation_checkpointing=every_k: checkpoint layers 0, k, 2k, ...")
     attn_implementation: Literal["eager", "sdpa"] = Field("sdpa", description="attention kernel")
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
     shape: Optional[ShapeSection] = Field(None, description="architecture for `lorapipe plan` when config.json is unreachable")
@@ -49,6 +52,25 @@ class ModelSection(Section):
     @property
     def is_quantized(self) -> bool:
         return self.quantization != "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gradient_checkpointing_alias(cls, data):
+        """Deprecated `gradient_checkpointing: true|false` = activation_checkpointing all|none; when both are
+        given (a preset with the old key, an override with the new one), activation_checkpointing wins."""
+        if not isinstance(data, dict) or "gradient_checkpointing" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("gradient_checkpointing")
+        if not isinstance(old, bool):
+            raise ValueError(f"model.gradient_checkpointing must be true or false, got {old!r}")
+        data.setdefault("activation_checkpointing", "all" if old else "none")
+        return data
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether any layer may be recomputed (the deprecated boolean's reading)."""
+        return self.activation_checkpointing != "none"
 
 
 class LoraSection(Section):
@@ -96,6 +118,11 @@ class TrainSection(Section):
     eval_batches: int = Field(8, gt=0, description="micro batches per evaluation (per worker)")
     report_every: int = Field(10, gt=0, description="steps between ray.train.report calls")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints")
+    loss: Literal["plain", "chunked", "fused"] = Field(
+        "plain", description="plain: transformers' loss over full fp32 logits; chunked: linear + cross-entropy "
+        "loss_chunk_tokens at a time (never the full logits); fused: Liger/cut-cross-entropy on CUDA when "
+        "installed, else chunked")
+    loss_chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the chunked loss")
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -199,6 +226,10 @@ class PipelineConfig(Section):
             raise ValueError("model.dtype=fp16 with a 4-bit base is not supported under DeepSpeed; use bf16 or fp32")
         if self.lora.use_dora and m.is_quantized and ds.stage == 3:
             raise ValueError("lora.use_dora with a 4-bit base under deepspeed.stage=3 is not supported by PEFT; use stage 2")
+        if self.train.loss != "plain" and ds.stage == 3:
+            # ZeRO-3 partitions the output head; the chunked loss reads its whole weight outside its forward.
+            raise ValueError(f"train.loss={self.train.loss} needs deepspeed.stage <= 2 (ZeRO-3 partitions the output "
+                             "head's weight); use train.loss=plain with stage 3")
         if self.data.format == "text" and self.data.train_on_prompt:
             raise ValueError("data.train_on_prompt only applies to alpaca/chat formats (text has no prompt)")
         if self.tune and self.tune.asha.enabled and self.tune.asha.grace_period >= self.train.max_steps:

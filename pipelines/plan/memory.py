@@ -127,8 +127,10 @@ class PlanInputs:
     grad_accum: int = 1
     max_steps: int = 1
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1                 # with checkpointing: layers 0, k, 2k, ... are recomputed
     attn_implementation: str = "sdpa"         # sdpa | eager | flash (flash behaves as sdpa here)
     loss_chunks: int = 1                      # 1 = HF loss over full fp32 logits; >1 = chunked/fused CE
+    keeps_logits: bool = True                 # the loop holds the model's output (logits) through backward
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -145,6 +147,12 @@ class PlanInputs:
     @property
     def tokens_per_micro_batch(self) -> int:
         return self.micro_batch * self.seq_len
+
+    def checkpointed_layers(self) -> int:
+        """Decoder layers recomputed in backward (transformers checkpoints index % k == 0)."""
+        if not self.gradient_checkpointing:
+            return 0
+        return -(-self.arch.layers // max(1, self.checkpoint_every))
 
     def targeted(self) -> tuple[str, ...]:
         if self.method == "full":
@@ -241,14 +249,21 @@ def backward_working_bytes_per_token(p: PlanInputs) -> float:
 
 
 def logits_bytes_per_token(p: PlanInputs) -> float:
-    """Peak of the loss: logits in the model dtype, their fp32 upcast, log-softmax and its gradient.
+    """Peak of the loss per token.
 
-    HF's loss keeps the logits (b) and the log-softmax output (4) while backward builds the NLL
-    gradient (4) and the log-softmax gradient (4): b + 12 bytes per vocabulary entry. A chunked or
-    fused cross-entropy holds one chunk of that at a time.
+    HF's loss (one chunk): backward holds the fp32 log-softmax output (4), the NLL gradient (4) and
+    the log-softmax gradient (4) per vocabulary entry, plus the model-dtype logits (b) when the loop
+    keeps the model's output alive (lorapipe's worker does not; the measured loops here did):
+    fp32 CPU steps 16 or 12 bytes, bf16 14 or 12. The chunked loss (lora/loss.py) holds one chunk:
+    its model-dtype logits when they are not fp32 (b), their fp32 copy, and logsumexp's temporary
+    (2 x 4); the gradient is built in place. Measured on a CPU: bench/chunked_loss.py.
     """
     b = DTYPE_BYTES[p.dtype]
-    return p.arch.vocab * (b + 12) / max(1, p.loss_chunks) + 4 * p.arch.hidden
+    if p.loss_chunks > 1:
+        per_entry = (8 + (b if b < 4 else 0)) / p.loss_chunks
+    else:
+        per_entry = 12 + (b if p.keeps_logits else 0)
+    return p.arch.vocab * per_entry + 4 * p.arch.hidden
 
 
 def weight_bytes(p: PlanInputs) -> tuple[float, float, float]:
@@ -299,9 +314,12 @@ def _activation_part(p: PlanInputs) -> tuple[MemoryPart, float]:
     if p.quantized:
         work += max(x * y for x, y in a.linear_shapes().values()) * b  # one dequantized weight
     logits = logits_bytes_per_token(p) * t
-    if p.gradient_checkpointing:
-        kept = a.layers * a.hidden * b * t
-        note = f"checkpoints {kept / GiB:.2f} + a layer {layer / GiB:.2f}; loss {logits / GiB:.2f}"
+    recomputed = p.checkpointed_layers()
+    if recomputed:
+        # A checkpointed layer keeps only its input; in backward it is rebuilt, one layer at a time.
+        kept = recomputed * a.hidden * b * t + (a.layers - recomputed) * layer
+        how = "checkpoints" if recomputed == a.layers else f"{recomputed} checkpoints + {a.layers - recomputed} layers"
+        note = f"{how} {kept / GiB:.2f} + a layer {layer / GiB:.2f}; loss {logits / GiB:.2f}"
         peak = kept + max(logits, layer + work)
     else:
         kept = a.layers * layer

@@ -39,7 +39,7 @@ def flops_per_token(p: PlanInputs) -> float:
     a = p.arch
     n = a.matmul_params()
     backward = 4 if p.method == "full" else 2
-    passes = 1 + (1 if p.gradient_checkpointing else 0)
+    passes = 1 + p.checkpointed_layers() / a.layers  # checkpointed layers replay their forward
     dense = 2 * n * passes + backward * n
     attn_fwd = 4 * a.layers * p.seq_len * a.heads * a.dim_head
     attention = attn_fwd * (passes + 2)

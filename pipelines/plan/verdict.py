@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.core.errors import UserError
+from pipelines.plan.levers import (
+    checkpointing_fields,
+    describe_checkpointing,
+    describe_loss,
+    fastest_fitting_checkpointing,
+    loss_chunks,
+)
 from pipelines.plan.memory import Arch, GiB, MemoryPlan, PlanInputs, arch_from_hf_config, plan_memory
 from pipelines.plan.step_time import GpuSpec, TimePlan, gpu_spec, load_catalogue, plan_time
 
@@ -110,14 +117,19 @@ def resolve_arch(cfg) -> Arch:
 
 # -- config -> inputs -> plan ------------------------------------------------------------------
 def plan_inputs(cfg, arch: Arch, num_gpus: int, cpu: bool) -> PlanInputs:
-    """Our workers run DeepSpeed with bf16/fp16 enabled for 16-bit models: precision "mixed"."""
+    """Our workers run DeepSpeed with bf16/fp16 enabled for 16-bit models: precision "mixed".
+    activation_checkpointing=auto is planned as `all` here; `plan_for_config` resolves it."""
     m, t, ds, lora = cfg.model, cfg.train, cfg.deepspeed, cfg.lora
     targets = lora.target_modules if lora.target_modules == "all-linear" else tuple(lora.target_modules)
+    ckpt = checkpointing_fields("all" if m.activation_checkpointing == "auto" else m.activation_checkpointing,
+                                m.checkpoint_every_k)
     return PlanInputs(
         arch=arch, num_gpus=num_gpus, dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
         lora_r=lora.r, lora_dropout=lora.dropout, use_dora=lora.use_dora, lora_targets=targets, precision="mixed",
         seq_len=cfg.data.max_seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps,
-        gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
+        attn_implementation=m.attn_implementation, **ckpt,
+        loss_chunks=loss_chunks(t.loss, t.loss_chunk_tokens, t.micro_batch_size * cfg.data.max_seq_len),
+        keeps_logits=False,  # the worker keeps only the loss of the model's output
         zero_stage=ds.stage, offload_optimizer=ds.offload_optimizer != "none",
         offload_params=ds.offload_params != "none", overlap_comm=ds.overlap_comm, cpu=cpu)
 
@@ -164,6 +176,8 @@ def plan_for_config(cfg, gpus: Optional[int] = None, gpu: Optional[str] = None, 
     if n < 1:
         raise UserError(f"--gpus must be at least 1, got {n}")
     inputs = plan_inputs(cfg, resolve_arch(cfg), n, cpu=spec.memory_gib is None)
+    if cfg.model.activation_checkpointing == "auto":
+        inputs = fastest_fitting_checkpointing(inputs, budget_bytes(spec, inputs))
     return make_plan(inputs, spec, utilization=utilization, price_per_gpu_hour=price_per_gpu_hour,
                      interconnect_gbps=interconnect_gbps)
 
@@ -200,8 +214,11 @@ def _candidates(p: PlanInputs) -> list[tuple[tuple[str, ...], dict]]:
     """(overrides, PlanInputs changes) one knob at a time, cheapest in speed first."""
     out: list[tuple[tuple[str, ...], dict]] = []
     storage = (f"model.quant_storage={p.dtype}",) if p.quantized else ()
-    if not p.gradient_checkpointing:
-        out.append((("model.gradient_checkpointing=true",), {"gradient_checkpointing": True}))
+    if p.checkpointed_layers() < p.arch.layers // 2 and p.arch.layers > 1:
+        out.append((("model.activation_checkpointing=every_k", "model.checkpoint_every_k=2"),
+                    {"gradient_checkpointing": True, "checkpoint_every": 2}))
+    if p.checkpointed_layers() < p.arch.layers:
+        out.append((("model.activation_checkpointing=all",), {"gradient_checkpointing": True, "checkpoint_every": 1}))
     if p.micro_batch > 1:
         accum = p.grad_accum * p.micro_batch
         out.append((("train.micro_batch_size=1", f"train.grad_accum={accum}"), {"micro_batch": 1, "grad_accum": accum}))
@@ -218,6 +235,13 @@ def _candidates(p: PlanInputs) -> list[tuple[tuple[str, ...], dict]]:
         out.append((("deepspeed.stage=3", "deepspeed.offload_params=cpu", "deepspeed.offload_optimizer=cpu") + storage,
                      {"zero_stage": 3, "offload_params": True, "offload_optimizer": True}))
     return out
+
+
+def _loss_candidates(p: PlanInputs) -> list[tuple[tuple[str, ...], dict]]:
+    """The chunked loss, alone: it is not combined with knobs that may move to ZeRO-3, which it does not support."""
+    if p.loss_chunks > 1 or p.tokens_per_micro_batch <= 1024 or p.zero_stage == 3:
+        return []
+    return [(("train.loss=chunked",), {"loss_chunks": -(-p.tokens_per_micro_batch // 1024)})]
 
 
 def _merge(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
@@ -237,7 +261,7 @@ def suggest_knobs(plan: Plan) -> list[Knob]:
         return Knob(tuple(keys), m.total, m.host_per_gpu, m.total <= plan.budget)
 
     candidates = _candidates(p)
-    knobs = [knob(keys, p.with_(**change)) for keys, change in candidates]
+    knobs = [knob(keys, p.with_(**change)) for keys, change in candidates + _loss_candidates(p)]
     if candidates and not any(k.fits for k in knobs):
         combined, overrides = {}, []
         for keys, change in candidates:
@@ -250,7 +274,7 @@ def suggest_knobs(plan: Plan) -> list[Knob]:
         # More GPUs shrink weights and states under ZeRO-3, not activations: pair with the activation knobs.
         keys, change = ["deepspeed.stage=3"] + ([f"model.quant_storage={p.dtype}"] if p.quantized else []), {}
         for k, c in candidates:
-            if {"gradient_checkpointing", "micro_batch"} & set(c):
+            if {"gradient_checkpointing", "micro_batch"} & set(c) and c.get("checkpoint_every", 1) == 1:
                 keys, change = _merge(keys, k), {**change, **c}
         for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
             more = p.with_(zero_stage=3, num_gpus=n, **change)
@@ -293,7 +317,7 @@ def render_plan(plan: Plan, console=None) -> None:
                   f"{a.layers} layers, {a.heads}/{a.kv_heads} heads, vocab {a.vocab:,}); "
                   f"{'QLoRA ' + p.quantization if p.quantized else 'LoRA ' + p.dtype}, r={p.lora_r}, "
                   f"ZeRO-{p.zero_stage} on {n}x {plan.gpu.name}; micro batch {p.micro_batch} x {p.seq_len} tokens, "
-                  f"checkpointing {'on' if p.gradient_checkpointing else 'off'}")
+                  f"checkpointing {describe_checkpointing(p)}, loss {describe_loss(p)}")
     mem = Table(title=f"Memory per {plan.unit} (GiB)")
     for col in ("part", "whole model", "per " + plan.unit, "host", "how"):
         mem.add_column(col, justify="left" if col in ("part", "how") else "right")

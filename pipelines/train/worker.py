@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lora.loss import training_loss
 from pipelines.config.schema import PipelineConfig
 from pipelines.data.prepare import IGNORE_INDEX
 from pipelines.train.checkpoint import restore, save_checkpoint
@@ -39,10 +40,16 @@ def worker_device(cfg: PipelineConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def device_memory_bytes(device: torch.device):
+    """What `activation_checkpointing=auto` must fit in: the GPU's memory; None on CPU (the plan's RAM share)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def build_model(cfg: PipelineConfig, device: torch.device):
     """Frozen base (4-bit when configured) + LoRA; returns (peft model, {layer: (out, in)})."""
     from lora import apply_lora, build_lora_config, load_base_model
     from lora.adapter import targeted_linears
+    from pipelines.plan.auto import resolve_activation_checkpointing
 
     m = cfg.model
     base = load_base_model(m.path, dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
@@ -54,7 +61,8 @@ def build_model(cfg: PipelineConfig, device: torch.device):
     shapes = {name: (mod.out_features, mod.in_features)
               for name, mod in targeted_linears(base, "all-linear" if lcfg.target_modules == "all-linear"
                                                 else sorted(lcfg.target_modules))}
-    return apply_lora(base, lcfg, gradient_checkpointing=m.gradient_checkpointing), shapes
+    ckpt, every = resolve_activation_checkpointing(cfg, device_memory_bytes(device))
+    return apply_lora(base, lcfg, gradient_checkpointing=ckpt != "none", checkpoint_every=every), shapes
 
 
 def build_engine(cfg: PipelineConfig, model):
@@ -67,7 +75,9 @@ def build_engine(cfg: PipelineConfig, model):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+        # Fused AdamW (one kernel for every adapter tensor) where the parameters are on a GPU.
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
+                                      fused=params[0].is_cuda)
 
     def scheduler(opt):  # DeepSpeed steps it at each optimizer step
         return get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
@@ -165,7 +175,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for _ in range(tr.grad_accum):
             batch = {k: v.to(device) for k, v in train_batches[state.position].items()}
             state.position += 1
-            loss = engine(**batch).loss
+            loss = training_loss(engine, engine.module, batch, tr.loss, tr.loss_chunk_tokens)
             engine.backward(loss)
             engine.step()
             window["loss"] += loss.item()

@@ -252,14 +252,14 @@ def test_8b_preset_fits_on_8_h100():
 
 def test_70b_bf16_lora_on_one_l4_does_not_fit_and_suggests_knobs(tmp_path):
     cfg = load_config(PRESET_8B, ["model.quantization=none", "deepspeed.stage=2", "scaling.num_workers=1",
-                                  "model.gradient_checkpointing=false", "model.shape.hidden_size=8192",
+                                  "model.activation_checkpointing=none", "model.shape.hidden_size=8192",
                                   "model.shape.intermediate_size=28672", "model.shape.num_hidden_layers=80",
                                   "model.shape.num_attention_heads=64", "model.shape.vocab_size=32000",
                                   "model.path=meta-llama/Llama-2-70b-hf"])
     plan = plan_for_config(cfg, gpu="l4")
     assert not plan.fits and "DOES NOT FIT" in verdict_line(plan)
     suggested = [" ".join(k.overrides) for k in plan.knobs]
-    assert any("model.gradient_checkpointing=true" in s for s in suggested)
+    assert any("model.activation_checkpointing=all" in s for s in suggested)
     assert any(k.fits and "model.quantization=nf4" in " ".join(k.overrides) for k in plan.knobs)
     assert any(k.fits and k.overrides[0].startswith("--gpus ") for k in plan.knobs)
 
@@ -344,3 +344,98 @@ def test_preflight_refuses_what_does_not_fit_unless_forced(monkeypatch, tmp_path
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     unknown = load_config(PRESET_8B, ["model.shape=null", "model.path=some-org/some-model"])
     assert preflight(unknown).startswith("plan: skipped (model shape unknown for some-org/some-model")
+
+
+# -- the levers (#22): activation checkpointing of every k-th layer, the chunked loss -----------
+def test_every_k_checkpointing_sits_between_none_and_all_in_memory_and_flops():
+    p = PlanInputs(LLAMA31_8B, quantization="none", seq_len=2048, micro_batch=2)
+    none, k2, every = p, p.with_(gradient_checkpointing=True, checkpoint_every=2), p.with_(gradient_checkpointing=True)
+    assert (k2.checkpointed_layers(), every.checkpointed_layers()) == (16, 32)
+    act = [parts(x)["activations"].per_gpu for x in (none, k2, every)]
+    assert act[0] > act[1] > act[2]
+    # Half the layers keep their activations, half keep only their input: between the two, near halfway.
+    assert (act[1] - act[2]) / (act[0] - act[2]) == pytest.approx(0.5, abs=0.05)
+    f = [flops_per_token(x) for x in (none, k2, every)]
+    assert f[1] - f[0] == pytest.approx((f[2] - f[0]) / 2)  # half the layers replay their forward
+
+
+def test_auto_checkpointing_picks_the_fastest_setting_that_fits_each_budget():
+    from pipelines.plan.levers import AUTO_HEADROOM, config_setting, fastest_fitting_checkpointing
+
+    p = PlanInputs(LLAMA31_8B, quantization="none", seq_len=2048, micro_batch=4)
+    totals = {k: plan_memory(p.with_(gradient_checkpointing=k > 0, checkpoint_every=max(k, 1))).total / AUTO_HEADROOM
+              for k in (0, 1, 2, 4)}  # the budgets at which each setting just fits
+    assert totals[0] > totals[4] > totals[2] > totals[1]
+    assert config_setting(fastest_fitting_checkpointing(p, totals[0] * 1.01)) == ("none", 1)
+    assert config_setting(fastest_fitting_checkpointing(p, totals[1] * 1.01)) == ("all", 1)
+    assert config_setting(fastest_fitting_checkpointing(p, totals[1] * 0.5)) == ("all", 1)  # nothing fits
+    middle = fastest_fitting_checkpointing(p, (totals[0] + totals[1]) / 2)
+    mode, k = config_setting(middle)
+    assert mode == "every_k" and 1 < k < 32
+    assert plan_memory(middle).total / AUTO_HEADROOM <= (totals[0] + totals[1]) / 2
+    # The next setting with one fewer checkpointed layer would not fit: it is the fastest that does.
+    fewer = [x for x in range(k + 1, 33) if -(-32 // x) < middle.checkpointed_layers()]
+    over = plan_memory(p.with_(gradient_checkpointing=True, checkpoint_every=fewer[0])).total / AUTO_HEADROOM
+    assert over > (totals[0] + totals[1]) / 2
+
+
+def test_config_auto_checkpointing_follows_the_gpu():
+    from pipelines.plan.auto import resolve_activation_checkpointing
+
+    cfg = load_config(PRESET_8B, ["model.activation_checkpointing=auto", "scaling.num_workers=1", "deepspeed.stage=2",
+                                  "model.quant_storage=null"])
+    assert resolve_activation_checkpointing(cfg, budget=200 * GiB) == ("none", 1)
+    assert resolve_activation_checkpointing(cfg, budget=12 * GiB) == ("all", 1)
+    # 8B QLoRA, 2 x 2048 tokens: 48 GiB without checkpointing, 15 GiB with every layer checkpointed.
+    assert plan_for_config(cfg, gpu="h100").inputs.checkpointed_layers() == 0
+    on_a100_40g = plan_for_config(cfg, gpu="a100-40g")
+    assert on_a100_40g.fits and 0 < on_a100_40g.inputs.checkpointed_layers() < 32
+    assert plan_for_config(cfg, gpu="l4").inputs.checkpointed_layers() == 32
+    fixed = load_config(PRESET_8B, ["model.activation_checkpointing=every_k", "model.checkpoint_every_k=4"])
+    assert resolve_activation_checkpointing(fixed) == ("every_k", 4)
+    assert plan_for_config(fixed).inputs.checkpointed_layers() == 8
+
+
+def test_chunked_loss_knob_and_its_memory():
+    p = PlanInputs(LLAMA31_8B, quantization="nf4", seq_len=2048, micro_batch=2, keeps_logits=False)
+    plain, chunked = plan_memory(p), plan_memory(p.with_(loss_chunks=4))
+    # The fp32 logits of 4096 tokens are 1.96 GiB; the plain loss holds 3 such buffers, a chunk 2 x 1/4 of one.
+    logits = 4096 * 128256 * 4
+    assert plain.total - chunked.total == pytest.approx(logits * (3 - 2 * 1.25 / 4) * 1.05, rel=0.02)
+    cfg = load_config(PRESET_8B, ["scaling.num_workers=1", "deepspeed.stage=2", "model.quant_storage=null",
+                                  "train.loss=chunked", "train.loss_chunk_tokens=512"])
+    assert plan_for_config(cfg).inputs.loss_chunks == 8
+
+
+def test_plan_predicts_the_chunked_loss_cut_measured_on_this_cpu(tmp_path):
+    """bench/chunked_loss.py's child at a 128k vocabulary, 256 tokens in 4 chunks: the step's peak RSS
+    falls by what the plan predicts, within 10%, and the loss is the same to 1e-5."""
+    import json
+    import subprocess
+
+    out = tmp_path / "cut.json"
+    proc = subprocess.run([sys.executable, "bench/chunked_loss.py", "--tokens", "256", "--chunk", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["plan"]["loss_chunks"] == 4
+    assert abs(r["measured_over_planned_cut"] - 1) <= 0.10, r
+    assert r["cut_over_fp32_logits"] > 2.0  # more than the logits themselves: their fp32 gradients go too
+    assert r["loss_abs_diff"] <= 1e-5 and r["grad_norm_rel_diff"] <= 1e-4
+
+
+def test_config_keys_of_the_levers_and_the_deprecated_alias():
+    old = load_config(TINY, ["model.gradient_checkpointing=true"])
+    assert old.model.activation_checkpointing == "all" and old.model.gradient_checkpointing
+    assert load_config(TINY, ["model.gradient_checkpointing=false"]).model.activation_checkpointing == "none"
+    both = load_config(TINY, ["model.gradient_checkpointing=true", "model.activation_checkpointing=every_k"])
+    assert both.model.activation_checkpointing == "every_k"  # the new key wins over a preset's old one
+    assert "gradient_checkpointing" not in both.model.model_dump()
+    d = load_config(TINY)
+    assert (d.model.activation_checkpointing, d.model.checkpoint_every_k, d.train.loss, d.train.loss_chunk_tokens) == (
+        "none", 2, "plain", 1024)
+    with pytest.raises(UserError, match=r"train.loss=chunked needs deepspeed.stage <= 2") as err:
+        load_config(PRESET_8B, ["train.loss=chunked"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="activation_checkpointing"):
+        load_config(TINY, ["model.activation_checkpointing=some"])
