@@ -220,3 +220,23 @@ def test_generate_streams_the_trained_answer(env, capsys, monkeypatch):
     assert capsys.readouterr().out.split() == (row["output"].split() * 2)
     assert main(["generate", str(memo.path), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_tune_ranks_trials_by_a_suite_metric_and_pipeline_reuses_the_best_run(env):
+    """tune.rank_by=suite:<metric> ranks finished trials' run dirs on the suite (here: the trial
+    with the lower own eval loss loses on the suite), and the best trial that ran to max_steps
+    is registered as is (SearchResult.finished_best_run) instead of being trained again."""
+    from pipelines.config.load import load_config
+    from pipelines.tune.search import SearchResult, rank_by_suite
+
+    cfg = load_config("configs/tiny-cpu-tune.yaml", ["eval.suite=" + json.dumps(SUITE), "tune.rank_by=suite:reverse/loss"])
+    rows = [{"trial_id": t, "run_dir": str(env[t].path), "status": "completed", "eval_loss": env[t].metrics()["eval_loss"]}
+            for t in ("first", "reverse")]
+    key, mode = rank_by_suite(cfg, rows, cfg.tune.rank_by)
+    assert (key, mode) == ("suite:reverse/loss", "min")
+    best = min(rows, key=lambda r: r[key])
+    assert best["trial_id"] == "reverse" and min(rows, key=lambda r: r["eval_loss"])["trial_id"] == "first"
+    result = SearchResult("x", "x", rows, best, "x", None, cfg)
+    assert result.finished_best_run().path == env["reverse"].path
+    result.best = {**best, "status": "stopped early"}
+    assert result.finished_best_run() is None
