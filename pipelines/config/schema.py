@@ -156,9 +156,10 @@ class MlflowSection(Section):
 
 class RegistrySection(Section):
     name: Optional[str] = Field(None, description="registered model base name; default run name")
-    gate_metric: str = Field("eval_loss", description="metric compared on promotion")
-    gate_mode: Literal["min", "max"] = Field("min", description="min: lower is better")
-    margin: float = Field(0.0, ge=0.0, description="required improvement over the current champion")
+    gate_metric: str = Field("eval_loss", description="unused since promotion judges on the eval suite "
+                             "(eval:, primary/guards); kept so older configs validate")
+    gate_mode: Literal["min", "max"] = Field("min", description="unused (see gate_metric)")
+    margin: float = Field(0.0, ge=0.0, description="primary-metric margin of the default eval suite (a run without eval:)")
 
 
 class PipelineConfig(Section):
