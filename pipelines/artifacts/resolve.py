@@ -62,7 +62,7 @@ def resolve(ref: str, tracking_uri: Optional[str] = None) -> ResolvedModel:
     if Path(ref).expanduser().is_dir():
         return resolve_run_dir(Path(ref).expanduser())
     raise UserError(f"{ref!r} is neither a run directory nor a registry reference "
-                    "(models:/NAME/VERSION or models:/NAME@ALIAS)")
+                    "(models:/NAME/VERSION or models:/NAME@ALIAS; base:<either> for its base alone)")
 
 
 def resolve_run_dir(path: Path) -> ResolvedModel:

@@ -122,9 +122,9 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
     version_tags = {**tags, **metric_tags(metrics), **parity.tags(), **merge_tags(report)}
     versions = {"adapter": existing_a[0].version if existing_a else None}
     for kind in ("adapter", "merged") if parity.ok else ("adapter",):
-        if versions.get(kind) is None:
+        if versions.get(kind) is None:  # (an adapter version left by a registration whose merge was refused)
             versions[kind] = create_version(c, f"{name}-{kind}", kind, f"{artifact_uri}/{kind}", run_id, version_tags)
-        record_version_result(f"{name}-{kind}", versions[kind], results[kind], results["prepared"], uri)
+            record_version_result(f"{name}-{kind}", versions[kind], results[kind], results["prepared"], uri)
     if not parity.ok:
         raise UserError(f"{parity.worst_line()}; registered {name}-adapter v{versions['adapter']} only, "
                         f"the merged model was not registered")
