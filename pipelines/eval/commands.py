@@ -41,16 +41,17 @@ def cmd_eval(args) -> int:
 
 
 def print_results(rows: list[dict], title: str) -> None:
-    """One row per model, one column per metric (numbers to 4 significant digits)."""
+    """Models side by side, one column each (their "model" label), one row per metric."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("model", "role", "version") else "right")
+    table.add_column("metric")
     for r in rows:
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
+        table.add_column(str(r["model"]), justify="right")
+    metrics = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float)))
+    for m in metrics:
+        table.add_row(m, *[f"{r[m]:.4g}" if isinstance(r.get(m), float) else "-" for r in rows])
     Console().print(table)
 
 

@@ -71,8 +71,8 @@ def compare_on_gate(c, name: str, candidate, holder, uri: str) -> tuple[bool, li
         raise UserError(f"{name} v{candidate.version} and v{holder.version} have bases with different tokenizers: "
                         "their suite metrics do not compare")
     ok, reasons = verdict(gate.suite, cand.metrics, hold.metrics)
-    rows = [{"role": "candidate", "version": candidate.version, **cand.metrics},
-            {"role": "holder", "version": holder.version, **hold.metrics}]
+    rows = [{"model": f"candidate v{candidate.version}", **cand.metrics},
+            {"model": f"holder v{holder.version}", **hold.metrics}]
     return ok, rows, reasons
 
 
