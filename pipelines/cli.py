@@ -120,9 +120,11 @@ def cmd_merge(args) -> int:
 
 
 def cmd_register(args) -> int:
+    from pipelines.eval.suite import load_suite
     from pipelines.registry.register import register_run
 
-    reg = register_run(args.run_dir, name=args.name, tracking_uri=args.tracking_uri)
+    reg = register_run(args.run_dir, name=args.name, tracking_uri=args.tracking_uri,
+                       suite=load_suite(args.suite) if args.suite else None, merged_dir=args.merged)
     verb = "registered" if reg.created else "already registered (nothing new)"
     print(f"{verb}: {reg.name}-adapter v{reg.adapter_version}, {reg.name}-merged v{reg.merged_version} "
           f"(MLflow run {reg.run_id})")
@@ -151,11 +153,13 @@ def cmd_sync(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from pipelines.registry.promote import Gate, promote
+    from pipelines.eval.commands import print_results
+    from pipelines.registry.promote import promote
 
-    gate = Gate(args.metric, args.mode, args.margin) if args.metric else None
     result = promote(args.name, args.version, args.alias, force=args.force, reason=args.reason,
-                     tracking_uri=default_tracking_uri(args.tracking_uri), gate=gate)
+                     tracking_uri=default_tracking_uri(args.tracking_uri))
+    if result.rows:
+        print_results(result.rows, f"{args.name}: candidate vs {args.alias} on the gate suite")
     print(result.message, file=sys.stdout if result.promoted else sys.stderr)
     return 0 if result.promoted else 1
 
@@ -166,10 +170,14 @@ def cmd_registry(args) -> int:
 
     from pipelines.registry.show import describe_model, list_models
 
-    if args.action == "show" and not args.name:
+    if args.action in ("show", "set-gate") and not args.name:
         from pipelines.core.errors import UserError
 
-        raise UserError("registry show needs a NAME")
+        raise UserError(f"registry {args.action} needs a NAME")
+    if args.action == "set-gate":
+        from pipelines.registry.commands import cmd_set_gate
+
+        return cmd_set_gate(args)
     uri = default_tracking_uri(args.tracking_uri)
     rows = list_models(uri) if args.action == "list" else describe_model(args.name, uri)
     table = Table(title=args.name or "registered models")
@@ -215,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("run_dir")
     rg.add_argument("--name", help="registered model base name (default: registry.name or the run name)")
     rg.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db")
+    rg.add_argument("--suite", help="gate suite YAML for a model registered for the first time")
+    rg.add_argument("--merged", help="a `lorapipe merge` output of this run (else merged here)")
     rg.set_defaults(fn=cmd_register)
 
     sy = sub.add_parser("sync", help="log a run's metrics MLflow missed (server was away) and finish its run")
@@ -228,15 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="champion")
     pr.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as tags)")
     pr.add_argument("--reason", default="", help="why (recorded with --force)")
-    pr.add_argument("--metric", help="gate metric (default: the one recorded at register time)")
-    pr.add_argument("--mode", default="min", choices=["min", "max"])
-    pr.add_argument("--margin", type=float, default=0.0)
     pr.add_argument("--tracking-uri")
     pr.set_defaults(fn=cmd_promote)
 
     rs = sub.add_parser("registry", help="list registered models, or show one's versions and aliases")
-    rs.add_argument("action", choices=["list", "show"])
+    rs.add_argument("action", choices=["list", "show", "set-gate"])
     rs.add_argument("name", nargs="?")
+    rs.add_argument("--suite", help="set-gate: the suite YAML every promotion of NAME is judged on")
     rs.add_argument("--tracking-uri")
     rs.set_defaults(fn=cmd_registry)
 
@@ -259,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_commands(sub)
 
+    from pipelines.eval.commands import add_eval_commands
+    from pipelines.registry.commands import add_rollback_command
+
+    add_eval_commands(sub)
+    add_rollback_command(sub)
+
     d = sub.add_parser("demo", help="the embedded end-to-end run (`make demo`)")
     d.add_argument("--workdir", default=".demo", help="where the demo writes its base model, data and runs")
     d.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not a convincing result)")
@@ -272,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipelines.core.errors import UserError
 
     args = build_parser().parse_args(argv)
-    if args.command not in ("validate", "plan", "jobs", "registry", "promote", "sync"):
+    if args.command not in ("validate", "plan", "jobs", "registry", "promote", "sync", "rollback"):
         # Model-loading commands: transformers' per-shard progress bars are noise next to ours.
         from transformers.utils import logging as hf_logging
 

@@ -3,8 +3,9 @@
 1. a tiny Llama (built from config, tokenizer trained locally) is pretrained briefly on the
    generic demo tasks, so the adapter starts from a model that already follows the format;
 2. a QLoRA adapter learns a held-out task with 2 Ray workers under DeepSpeed ZeRO-2;
-3. base and base+adapter are compared on held-out rows (eval loss, exact match);
-4. the run is registered in MLflow (sqlite) and promoted through the evaluation gate.
+3. the run is registered in MLflow (sqlite; adapter vs merged parity on the eval suite) and
+   promoted through the gate on common ground;
+4. base, base + adapter and merged are compared on the same eval suite (configs/eval/demo-reverse.yaml).
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 console = Console()
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 TASK = "reverse"
+SUITE = Path(__file__).resolve().parents[1] / "configs" / "eval" / "demo-reverse.yaml"
 
 
 def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
@@ -63,58 +64,25 @@ def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
     return write_dir_atomic(out, fill)
 
 
-def compare_base_and_adapter(run, rows: list[dict]) -> dict:
-    """Eval loss and exact match of the base as trained (4-bit) vs base + adapter."""
-    from lora import load_adapter, load_base_model, load_tokenizer
-    from pipelines.eval.generation import exact_match
+def before_after(run, suite, uri: str, merged_ref: str) -> list[dict]:
+    """Base (4-bit, as training loaded it), base + adapter, and the registered merged model on the
+    same suite, through the eval stage (the merged row was computed at registration: cached)."""
+    from pipelines.eval.run import evaluate
 
-    cfg = run.config()
-    m = cfg.model
-    tokenizer = load_tokenizer(m.path)
-    base = load_base_model(m.path, dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
-                           quant_storage=m.quant_storage)
-    before = {"exact_match": exact_match(base, tokenizer, rows), "eval_loss": _eval_loss(base, tokenizer, rows)}
-    model = load_adapter(base, run.adapter)
-    after = {"exact_match": exact_match(model, tokenizer, rows), "eval_loss": _eval_loss(model, tokenizer, rows)}
-    return {"base": before, "adapter": after}
-
-
-def _eval_loss(model, tokenizer, rows: list[dict]) -> float:
-    """Token-mean loss on the responses of `rows` (prompt tokens masked, as in training)."""
-    import torch
-
-    from pipelines.config.schema import DataSection
-    from pipelines.data.prepare import collate, render_row, tokenize_row
-
-    cfg = DataSection(path="-", format="alpaca", max_seq_len=128)
-    encoded = [tokenize_row(*render_row(r, i + 1, cfg, tokenizer), tokenizer, cfg.max_seq_len) for i, r in enumerate(rows)]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(encoded), 32):
-            chunk = encoded[i:i + 32]
-            batch = collate({"input_ids": [e["input_ids"] for e in chunk], "labels": [e["labels"] for e in chunk]},
-                            tokenizer.pad_token_id)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.item() * n
-            count += n
-    return total / max(count, 1)
-
-
-def print_before_after(result: dict, task: str) -> None:
-    t = Table(title=f"held-out '{task}' rows: base (4-bit) vs base + QLoRA adapter")
-    for col in ("model", "eval loss", "exact match"):
-        t.add_column(col)
-    for label, key in (("base", "base"), ("base + adapter", "adapter")):
-        r = result[key]
-        t.add_row(label, f"{r['eval_loss']:.3f}", f"{r['exact_match']:.1%}")
-    console.print(t)
+    rows = []
+    for label, target in (("base (4-bit)", f"base:{run.path}"), ("base + QLoRA adapter", str(run.path)),
+                          ("merged (registered)", merged_ref)):
+        result = evaluate(target, suite, tracking_uri=uri)
+        rows.append({"model": label, **result.metrics})
+    return rows
 
 
 def run_demo(workdir: str = ".demo", quick: bool = False) -> int:
     import torch
 
     from pipelines.config.load import load_config
-    from pipelines.data.builtin import demo_rows
+    from pipelines.eval.commands import print_results
+    from pipelines.eval.suite import load_suite
     from pipelines.pipeline import register_and_promote
     from pipelines.train.driver import train
 
@@ -136,19 +104,23 @@ def run_demo(workdir: str = ".demo", quick: bool = False) -> int:
     cfg = load_config(PRESET, [f"model.path={base}", f"run.output_dir={root / 'runs'}", f"mlflow.tracking_uri={uri}",
                                f"data.task={TASK}", "lora.r=16", "lora.alpha=32", "train.lr=5e-3",
                                f"train.max_steps={steps}", f"train.eval_every={steps // 3}",
-                               f"train.checkpoint_every={steps // 2}", "train.report_every=10"])
+                               f"train.checkpoint_every={steps // 2}", "train.report_every=10",
+                               f"eval.suite_file={SUITE}"])  # the registered model's gate suite
     run = train(cfg)
 
-    console.rule("[bold]3/4  before/after on held-out rows")
-    rows = demo_rows(TASK, n=64 if quick else 200, seed=12345)
-    result = compare_base_and_adapter(run, rows)
-    print_before_after(result, TASK)
-    (run.path / "demo_before_after.json").write_text(json.dumps(result, indent=2))
-
-    console.rule("[bold]4/4  register in MLflow and promote through the eval gate")
+    console.rule("[bold]3/4  register in MLflow (adapter vs merged parity on the eval suite), promote through the gate")
     outcome = register_and_promote(run, tracking_uri=uri)
     for line in outcome.lines:
         console.print(line)
+
+    console.rule("[bold]4/4  before/after: `lorapipe eval` of base, base + adapter and merged on the same suite")
+    suite = load_suite(SUITE)
+    rows = before_after(run, suite, uri, f"models:/{outcome.model_name}/{outcome.version}")
+    print_results(rows, f"eval suite {SUITE.name}: held-out '{TASK}' rows (+ a 'copy' guard)")
+    (run.path / "demo_before_after.json").write_text(json.dumps(rows, indent=2))
+    console.print(f"try it:  MLFLOW_TRACKING_URI={uri} lorapipe eval models:/{outcome.model_name}@champion --json\n"
+                  f"         MLFLOW_TRACKING_URI={uri} lorapipe generate models:/{outcome.model_name}@champion "
+                  f"--prompt 'Reverse the word.' --input 'a b c'")
     console.print(f"\nsee it:  mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
     console.print(f"run directory: {run.path}\ndemo took {time.time() - started:.0f} s")
     return 0

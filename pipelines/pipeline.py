@@ -1,5 +1,6 @@
-"""`lorapipe pipeline`: tune (if the config has a tune section) -> train the best config ->
-register -> promote to `candidate`, and to `champion` only through the evaluation gate."""
+"""`lorapipe pipeline`: tune (if the config has a tune section) -> the best trial's own run
+directory when it ran to max_steps (else train the best config) -> register -> promote to
+`candidate`, and to `champion` only through the gate on the model's eval suite."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> PipelineOutcome:
         from pipelines.tune.search import tune
 
         search = tune(cfg, progress=progress)
+        finished = search.finished_best_run()
+        if finished is not None:  # the best trial ran to max_steps: register its own run directory
+            outcome = register_and_promote(finished)
+            outcome.lines.insert(0, f"best trial ran to max_steps: registering its run directory {finished.path}")
+            return outcome
         cfg = search.best_config_for_training()
     run = train(cfg, progress=progress)
     return register_and_promote(run)

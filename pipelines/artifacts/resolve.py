@@ -23,10 +23,11 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model as later stages load it. kind "adapter": `base_path` (loaded as training saw it:
-    4-bit when trained 4-bit) + `adapter_path`; kind "merged": the stand-alone `model_path`."""
+    4-bit when trained 4-bit) + `adapter_path`; kind "merged": the stand-alone `model_path`;
+    kind "base": the base alone, loaded as that run loaded it (the "before" row)."""
 
     ref: str                         # as the user gave it
-    kind: str                        # "adapter" | "merged"
+    kind: str                        # "adapter" | "merged" | "base"
     config: object                   # the training run's PipelineConfig (model loading settings)
     base_path: str                   # the base model the adapter was trained on
     base_sha256: Optional[str]       # its content hash at training time (None for a hub id)
@@ -48,14 +49,20 @@ def is_models_uri(ref: str) -> bool:
     return ref.startswith("models:/")
 
 
+BASE_PREFIX = "base:"
+
+
 def resolve(ref: str, tracking_uri: Optional[str] = None) -> ResolvedModel:
-    """A run directory or a registry reference -> ResolvedModel (one-line UserError otherwise)."""
+    """A run directory, a registry reference, or `base:<either>` (that model's base alone) ->
+    ResolvedModel (one-line UserError otherwise)."""
+    if ref.startswith(BASE_PREFIX):
+        return base_of(resolve(ref.removeprefix(BASE_PREFIX), tracking_uri), ref)
     if is_models_uri(ref):
         return resolve_registered(ref, tracking_uri)
     if Path(ref).expanduser().is_dir():
         return resolve_run_dir(Path(ref).expanduser())
     raise UserError(f"{ref!r} is neither a run directory nor a registry reference "
-                    "(models:/NAME/VERSION or models:/NAME@ALIAS)")
+                    "(models:/NAME/VERSION or models:/NAME@ALIAS; base:<either> for its base alone)")
 
 
 def resolve_run_dir(path: Path) -> ResolvedModel:
@@ -65,6 +72,14 @@ def resolve_run_dir(path: Path) -> ResolvedModel:
                          base_sha256=lineage.get("base_model_sha256"),
                          digest=run.digest_of("adapter/adapter_model.safetensors"),
                          adapter_path=run.adapter, run_dir=run.path)
+
+
+def base_of(model: ResolvedModel, ref: str) -> ResolvedModel:
+    """The base `model` was trained on, loaded as its run loaded it (4-bit when QLoRA)."""
+    m = model.config.model
+    digest = f"base:{model.base_sha256 or model.base_path}:{m.quantization}:{m.dtype}"
+    return ResolvedModel(ref=ref, kind="base", config=model.config, base_path=model.base_path,
+                         base_sha256=model.base_sha256, digest=digest)
 
 
 def parse_models_uri(ref: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -155,6 +170,6 @@ def load_for_inference(model: ResolvedModel, device: str = "cpu"):
         base = load_base_model(model.base_path, dtype=m.dtype, quantization=m.quantization,
                                double_quant=m.double_quant, quant_storage=m.quant_storage, device=device,
                                trust_remote_code=m.trust_remote_code, revision=m.revision)
-        loaded = load_adapter(base, model.adapter_path)
+        loaded = base if model.kind == "base" else load_adapter(base, model.adapter_path)
     loaded.eval()
     return loaded, tokenizer

@@ -10,6 +10,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.config.eval_suite import EvalSection
 from pipelines.config.tune_space import TuneSection
 from pipelines.core.defaults import default_tracking_uri
 
@@ -192,9 +193,10 @@ class MlflowSection(Section):
 
 class RegistrySection(Section):
     name: Optional[str] = Field(None, description="registered model base name; default run name")
-    gate_metric: str = Field("eval_loss", description="metric compared on promotion")
-    gate_mode: Literal["min", "max"] = Field("min", description="min: lower is better")
-    margin: float = Field(0.0, ge=0.0, description="required improvement over the current champion")
+    gate_metric: str = Field("eval_loss", description="unused since promotion judges on the eval suite "
+                             "(eval:, primary/guards); kept so older configs validate")
+    gate_mode: Literal["min", "max"] = Field("min", description="unused (see gate_metric)")
+    margin: float = Field(0.0, ge=0.0, description="primary-metric margin of the default eval suite (a run without eval:)")
     protected_aliases: list[str] = Field(["champion"], description="aliases only an identity with MANAGE on the "
                                          "registered model may move (champion always is); recorded on the model")
 
@@ -214,6 +216,7 @@ class PipelineConfig(Section):
     mlflow: MlflowSection = MlflowSection()
     registry: RegistrySection = RegistrySection()
     tune: Optional[TuneSection] = Field(None, description="search space and algorithm (lorapipe tune, pipeline)")
+    eval: Optional[EvalSection] = Field(None, description="eval suite for eval, the registry gate and tune.rank_by")
 
     @model_validator(mode="after")
     def _cross_field_rules(self):
@@ -239,7 +242,19 @@ class PipelineConfig(Section):
             # Without a single eval there is no eval_loss for metrics.json, Tune or the gate.
             raise ValueError(f"train.eval_every={self.train.eval_every} exceeds train.max_steps={self.train.max_steps}: "
                              "no evaluation would run")
+        self._check_rank_by()
         return self
+
+    def _check_rank_by(self) -> None:
+        """tune.rank_by=suite:<metric> needs an eval section; an inline suite must compute the metric."""
+        rank_by = self.tune.rank_by if self.tune else None
+        if not rank_by:
+            return
+        if self.eval is None:
+            raise ValueError(f"tune.rank_by={rank_by!r} needs an eval: section (suite or suite_file)")
+        metric = rank_by.removeprefix("suite:")
+        if self.eval.suite is not None and metric not in self.eval.suite.metric_names():
+            raise ValueError(f"tune.rank_by={rank_by!r}: the eval suite computes {', '.join(self.eval.suite.metric_names())}")
 
     # -- derived quantities (one place each) ---------------------------------------------
     def global_batch_size(self) -> int:

@@ -93,6 +93,9 @@ class TuneSection(BaseModel):
     name: Optional[str] = Field(None, description="experiment name; default <config name>-tune")
     grid_points: int = Field(3, ge=2, description="points per continuous axis for search=grid")
     seed: Optional[int] = Field(None, ge=0, description="seeds the search algorithm; default: the config's seed")
+    rank_by: Optional[str] = Field(None, pattern=r"^suite:[^/]+/.+$",
+                                   description="suite:<set>/<metric>: rank finished trials by the eval suite "
+                                               "(min for loss/perplexity, else max); default: by `metric`")
 
     @field_validator("space")
     @classmethod

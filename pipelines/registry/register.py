@@ -6,20 +6,22 @@ is created only after its artifacts are logged.
 """
 from __future__ import annotations
 
+import json
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from pipelines.artifacts.rundir import RunDir
 from pipelines.core.errors import UserError
+from pipelines.eval.gate import GateSuite, gate_suite, set_gate_suite
+from pipelines.eval.record import record_version_result
 from pipelines.tracking.auth import authorize_registration, record_protected_aliases
 from pipelines.tracking.runs import client as mlflow_client
 from pipelines.tracking.runs import reachable, start_run, with_retries
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-GATE_TAGS = ("lorapipe.gate_metric", "lorapipe.gate_mode", "lorapipe.gate_margin")
 
 
 def check_name(name: str) -> str:
@@ -76,9 +78,15 @@ class Registered:
     merged_version: str
     run_id: str
     created: bool
+    parity: dict = field(default_factory=dict)  # gate-suite metric -> |adapter - merged| (relative above 1)
 
 
-def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: Optional[str] = None) -> Registered:
+def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: Optional[str] = None, *,
+                 suite=None, merged_dir: Optional[str | Path] = None) -> Registered:
+    """Log and register the run's adapter and merged model. Both are evaluated on the model's gate
+    suite first (`suite` or the run config's, when the model has none yet); a merged model whose
+    metrics differ from the adapter's beyond the suite's parity_tolerance is not registered.
+    `merged_dir`: a merge already made by `lorapipe merge` for this run (else merged here)."""
     from pipelines.registry.merge import merge_run
 
     run = RunDir.open(run_dir)
@@ -94,36 +102,137 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
     existing_a, existing_m = _find_versions(c, f"{name}-adapter", digest), _find_versions(c, f"{name}-merged", digest)
     if existing_a and existing_m:
         return Registered(name, existing_a[0].version, existing_m[0].version, existing_m[0].run_id, created=False)
-    run_id = lineage.get("mlflow_run_id")
-    if not _run_exists(c, run_id):
-        run_id = start_run(uri, cfg.mlflow.experiment, run.path.name, cfg.model_dump(mode="json"),
-                           {"lorapipe.registered_from": str(run.path)})
-
+    gate, new_gate = gate_for(c, name, cfg, suite)
     with tempfile.TemporaryDirectory(prefix="lorapipe-merge-") as tmp:
-        merged_dir = Path(tmp) / "merged"
-        report = merge_run(run.path, merged_dir)  # complete and verified before any upload
+        merged = Path(merged_dir) if merged_dir else Path(tmp) / "merged"
+        report = check_merged_dir(merged, run) if merged_dir else merge_run(run.path, merged)
+        results, parity = parity_on_suite(run, merged, gate)  # before any upload
+        run_id = lineage.get("mlflow_run_id")
+        if not _run_exists(c, run_id):
+            run_id = start_run(uri, cfg.mlflow.experiment, run.path.name, cfg.model_dump(mode="json"),
+                               {"lorapipe.registered_from": str(run.path)})
         tags = {**lineage_tags(lineage), "lorapipe.run_dir": str(run.path), "lorapipe.adapter_sha256": digest}
         for k, v in tags.items():
             with_retries(lambda: c.set_tag(run_id, k, v), what="MLflow set_tag")
-        with_retries(lambda: c.log_artifacts(run_id, str(run.adapter), "adapter"), what="upload adapter")
-        with_retries(lambda: c.log_artifacts(run_id, str(merged_dir), "merged"), what="upload merged model")
-        for f in ("config.yaml", "metrics.json", "lineage.json"):
-            with_retries(lambda: c.log_artifact(run_id, str(run.path / f), "run"), what=f"upload {f}")
+        upload_run_files(c, run_id, run, merged if parity.ok else None)
+    if new_gate:
+        for kind in ("adapter", "merged"):
+            with_retries(lambda: _ensure_registered_model(c, f"{name}-{kind}", DESCRIPTIONS[kind]),
+                         what="create registered model")
+            set_gate_suite(c, f"{name}-{kind}", gate.suite, gate.fingerprint)
     artifact_uri = c.get_run(run_id).info.artifact_uri
-    gate = {"lorapipe.gate_metric": cfg.registry.gate_metric, "lorapipe.gate_mode": cfg.registry.gate_mode,
-            "lorapipe.gate_margin": repr(cfg.registry.margin)}
-    parity = {"lorapipe.merge_method": report["method"],
-              "lorapipe.merge_max_abs_logit_diff": repr(report.get("max_abs_logit_diff")),
-              "lorapipe.merge_max_rel_logit_diff": repr(report.get("max_rel_logit_diff"))}
-    version_tags = {**tags, **metric_tags(metrics), **gate, **parity}
-    versions = {}
-    for kind, desc in (("adapter", "PEFT LoRA adapter; load onto lorapipe.base_model"),
-                       ("merged", "base + adapter merged (dequantize-then-merge for QLoRA)")):
-        model_name = f"{name}-{kind}"
-        with_retries(lambda: _ensure_registered_model(c, model_name, desc), what="create registered model")
-        with_retries(lambda: record_protected_aliases(c, model_name, cfg.registry.protected_aliases), what="tag registered model")
-        mv = with_retries(lambda: c.create_model_version(model_name, source=f"{artifact_uri}/{kind}", run_id=run_id,
-                                                         tags={**version_tags, "lorapipe.kind": kind}),
-                          what="create model version")
-        versions[kind] = mv.version
-    return Registered(name, versions["adapter"], versions["merged"], run_id, created=True)
+    version_tags = {**tags, **metric_tags(metrics), **parity.tags(), **merge_tags(report)}
+    versions = {"adapter": existing_a[0].version if existing_a else None}
+    for kind in ("adapter", "merged") if parity.ok else ("adapter",):
+        if versions.get(kind) is None:  # (an adapter version left by a registration whose merge was refused)
+            versions[kind] = create_version(c, f"{name}-{kind}", kind, f"{artifact_uri}/{kind}", run_id, version_tags,
+                                            cfg.registry.protected_aliases)
+            record_version_result(f"{name}-{kind}", versions[kind], results[kind], results["prepared"], uri)
+    if not parity.ok:
+        raise UserError(f"{parity.worst_line()}; registered {name}-adapter v{versions['adapter']} only, "
+                        f"the merged model was not registered")
+    return Registered(name, versions["adapter"], versions["merged"], run_id, created=True, parity=parity.diffs)
+
+
+DESCRIPTIONS = {"adapter": "PEFT LoRA adapter; load onto lorapipe.base_model",
+                "merged": "base + adapter merged (dequantize-then-merge for QLoRA)"}
+
+
+def create_version(c, model_name: str, kind: str, source: str, run_id: str, tags: dict, protected: list[str]) -> str:
+    with_retries(lambda: _ensure_registered_model(c, model_name, DESCRIPTIONS[kind]), what="create registered model")
+    with_retries(lambda: record_protected_aliases(c, model_name, protected), what="tag registered model")
+    mv = with_retries(lambda: c.create_model_version(model_name, source=source, run_id=run_id,
+                                                     tags={**tags, "lorapipe.kind": kind}),
+                      what="create model version")
+    return str(mv.version)
+
+
+def upload_run_files(c, run_id: str, run: RunDir, merged: Optional[Path]) -> None:
+    with_retries(lambda: c.log_artifacts(run_id, str(run.adapter), "adapter"), what="upload adapter")
+    if merged is not None:
+        with_retries(lambda: c.log_artifacts(run_id, str(merged), "merged"), what="upload merged model")
+    for f in ("config.yaml", "metrics.json", "lineage.json"):
+        with_retries(lambda: c.log_artifact(run_id, str(run.path / f), "run"), what=f"upload {f}")
+
+
+def merge_tags(report: dict) -> dict[str, str]:
+    return {"lorapipe.merge_method": str(report.get("method")),
+            "lorapipe.merge_max_abs_logit_diff": repr(report.get("max_abs_logit_diff")),
+            "lorapipe.merge_max_rel_logit_diff": repr(report.get("max_rel_logit_diff"))}
+
+
+def check_merged_dir(merged: Path, run: RunDir) -> dict:
+    """A merge made earlier by `lorapipe merge` of this very run."""
+    import json
+
+    report_file = merged / "merge_report.json"
+    if not report_file.is_file():
+        raise UserError(f"--merged {merged} is not a `lorapipe merge` output (no merge_report.json)")
+    report = json.loads(report_file.read_text())
+    if Path(report.get("run_dir", "")).resolve() != run.path.resolve():
+        raise UserError(f"--merged {merged} was merged from {report.get('run_dir')}, not {run.path}")
+    return report
+
+
+def gate_for(c, name: str, cfg, suite):
+    """(the model's gate suite, whether it is new): the one recorded at first registration; a
+    different suite passed now is refused (set-gate changes it, explicitly)."""
+    from pipelines.eval.suite import prepare_suite, suite_for_config
+
+    recorded = gate_suite_if_exists(c, f"{name}-merged") or gate_suite_if_exists(c, f"{name}-adapter")
+    if recorded is not None:
+        if suite is not None and prepare_suite(suite).fingerprint != recorded.fingerprint:
+            raise UserError(f"{name} already has a gate suite (fingerprint {recorded.fingerprint[:12]}); change it "
+                            f"with `lorapipe registry set-gate {name}-merged --suite FILE`")
+        return recorded, False
+    chosen = suite or suite_for_config(cfg)
+    return GateSuite(chosen, prepare_suite(chosen).fingerprint), True
+
+
+def gate_suite_if_exists(c, model_name: str):
+    try:
+        return gate_suite(c, model_name)
+    except UserError:  # not registered yet
+        return None
+
+
+@dataclass
+class Parity:
+    diffs: dict
+    adapter: dict
+    merged: dict
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return all(d <= self.tolerance for d in self.diffs.values())
+
+    def tags(self) -> dict[str, str]:
+        return {"lorapipe.parity": json.dumps(self.diffs, sort_keys=True, separators=(",", ":")),
+                "lorapipe.parity_tolerance": repr(self.tolerance), "lorapipe.parity_ok": str(self.ok).lower()}
+
+    def worst_line(self) -> str:
+        metric = max(self.diffs, key=self.diffs.get)
+        return (f"merged model differs from its adapter on the gate suite: {metric} adapter "
+                f"{self.adapter[metric]:.6g} vs merged {self.merged[metric]:.6g} (difference {self.diffs[metric]:.3g} > "
+                f"parity_tolerance {self.tolerance:g})")
+
+
+def parity_on_suite(run: RunDir, merged: Path, gate) -> tuple[dict, Parity]:
+    """The adapter (base as training loaded it + adapter) and the merged model on the gate suite."""
+    from dataclasses import replace
+
+    from pipelines.artifacts.resolve import resolve_run_dir
+    from pipelines.core.files import sha256_file
+    from pipelines.eval.run import evaluate
+    from pipelines.eval.suite import prepare_suite
+
+    adapter_model = resolve_run_dir(run.path)
+    # Cached under the merged weights' own content digest: a corrupt merge never poisons a cache.
+    merged_model = replace(adapter_model, kind="merged", model_path=merged, adapter_path=None, run_dir=None,
+                           digest=f"merged-file:{sha256_file(merged / 'model.safetensors')}")
+    a = evaluate(adapter_model, gate.suite, record=False)
+    m = evaluate(merged_model, gate.suite, record=False)
+    diffs = {k: abs(a.metrics[k] - m.metrics[k]) / max(1.0, abs(a.metrics[k])) for k in a.metrics}
+    results = {"adapter": a, "merged": m, "prepared": prepare_suite(gate.suite)}
+    return results, Parity(diffs, a.metrics, m.metrics, gate.suite.parity_tolerance)

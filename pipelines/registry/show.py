@@ -21,14 +21,29 @@ def describe_model(name: str, tracking_uri: str) -> list[dict]:
     aliases: dict[str, list[str]] = {}
     for alias, v in (model.aliases or {}).items():
         aliases.setdefault(str(v), []).append(alias)
+    from pipelines.eval.gate import gate_suite
+
+    gate = gate_suite(c, name)
     rows = []
     for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        metric = mv.tags.get("lorapipe.gate_metric", "eval_loss")
+        metric, value = gate_value(mv, gate)
         rows.append({"version": mv.version, "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                     "gate_metric": metric, "value": mv.tags.get(f"lorapipe.metric.{metric}", ""),
+                     "gate_metric": metric, "value": value,
                      "run_id": mv.run_id,
                      "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))})
     return rows
+
+
+def gate_value(mv, gate) -> tuple[str, str]:
+    """The gate suite's primary metric for this version ("" until it has been evaluated on it);
+    models registered before gate suites show their own eval_loss."""
+    from pipelines.eval.record import version_result
+
+    if gate is None:
+        return "eval_loss (own split)", mv.tags.get("lorapipe.metric.eval_loss", "")
+    result = version_result(mv, gate.fingerprint)
+    value = result.metrics.get(gate.suite.primary.metric) if result else None
+    return gate.suite.primary.metric, f"{value:.6g}" if value is not None else ""
 
 
 def list_models(tracking_uri: str) -> list[dict]:

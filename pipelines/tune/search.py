@@ -98,6 +98,14 @@ class SearchResult:
 
         return load_config(self.best_config_path)
 
+    def finished_best_run(self) -> Optional[RunDir]:
+        """The best trial's own run directory when it ran to max_steps: training that config again
+        would only repeat it (on an 8B job, the best run's GPU hours twice)."""
+        path = self.best.get("run_dir")
+        if self.best.get("status") == "completed" and path and RunDir.is_complete(path):
+            return RunDir.open(path)
+        return None
+
 
 def trial_rows(results, section: TuneSection, max_steps: int) -> list[dict]:
     rows = []
@@ -210,15 +218,18 @@ def tune(cfg: PipelineConfig, *, progress: bool = True, resume: bool = False) ->
     rows = trial_rows(results, section, cfg.train.max_steps)
     for row in rows:
         row["run_dir"] = stopped_trial_run_dir(cfg, storage, out_dir, row)
-    scored = [r for r in rows if r[section.metric] is not None and r["status"] != "error"]
+    key, mode = section.metric, section.mode
+    if section.rank_by:
+        key, mode = rank_by_suite(cfg, rows, section.rank_by)
+    scored = [r for r in rows if r.get(key) is not None and r["status"] != "error"]
     if not scored:
-        raise RuntimeError(f"no trial of {name} produced {section.metric}; see {exp_path}")
-    best = (min if section.mode == "min" else max)(scored, key=lambda r: r[section.metric])
+        raise RuntimeError(f"no trial of {name} produced {key}; see {exp_path}")
+    best = (min if mode == "min" else max)(scored, key=lambda r: r[key])
     out_dir.mkdir(parents=True, exist_ok=True)
     best_cfg = apply_trial_values(cfg, best["params"])
     best_cfg.run.name = None  # `lorapipe train` picks a fresh run name
     best_path = out_dir / "best_config.yaml"
-    best_path.write_text(f"# best trial {best['trial_id']} of {name}: {section.metric}={best[section.metric]:.6g}\n"
+    best_path.write_text(f"# best trial {best['trial_id']} of {name}: {key}={best[key]:.6g}\n"
                          + dump_config(best_cfg))
     table_path = out_dir / "trials.json"
     table_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "history"} for r in rows], indent=2, default=str))
@@ -226,6 +237,23 @@ def tune(cfg: PipelineConfig, *, progress: bool = True, resume: bool = False) ->
     if parent:
         _log_parent(cfg.tracking_uri(), parent, best, section, [table_path, best_path, plot])
     return SearchResult(exp_path, str(out_dir), rows, best, str(best_path), str(plot) if plot else None, cfg)
+
+
+def rank_by_suite(cfg: PipelineConfig, rows: list[dict], rank_by: str) -> tuple[str, str]:
+    """Evaluate every trial's run directory on the config's eval suite (keep its row limit small):
+    row[rank_by] = the suite metric; returns (rank_by, its mode)."""
+    from pipelines.config.eval_suite import metric_mode
+    from pipelines.eval.run import evaluate
+    from pipelines.eval.suite import suite_for_config
+
+    suite = suite_for_config(cfg)
+    metric = rank_by.removeprefix("suite:")
+    if metric not in suite.metric_names():
+        raise UserError(f"tune.rank_by={rank_by!r}: the eval suite computes {', '.join(suite.metric_names())}")
+    for row in rows:
+        if row.get("run_dir") and RunDir.is_complete(row["run_dir"]):
+            row[rank_by] = evaluate(row["run_dir"], suite, record=False).metrics[metric]
+    return rank_by, metric_mode(metric)
 
 
 def _log_parent(uri: str, run_id: str, best: dict, section: TuneSection, files: list) -> None:
