@@ -54,7 +54,10 @@ def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
             sched.step()
             opt.zero_grad(set_to_none=True)
             if step % 20 == 0:
-                status.update(f"pretraining base: step {step}/{steps}, loss {loss.item():.3f}")
+                line = f"pretraining base: step {step}/{steps}, loss {loss.item():.3f}"
+                status.update(line)
+                if not console.is_terminal and step % 100 == 0:  # a log file gets whole lines, not a spinner
+                    console.print(line)
 
     def fill(d: Path) -> None:
         model.save_pretrained(str(d), safe_serialization=True)

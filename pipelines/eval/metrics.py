@@ -8,6 +8,7 @@ import math
 import torch
 
 from pipelines.config.eval_suite import GENERATION_METRICS, EvalSetSpec
+from pipelines.data.prepare import IGNORE_INDEX
 from pipelines.data.prompts import completion_prompt
 
 LOSS_BATCH = 16
@@ -46,7 +47,7 @@ def token_weighted_loss(model, tokenizer, spec: EvalSetSpec, rows: list[dict]) -
         batch = collate({"input_ids": [e["input_ids"] for e in chunk], "labels": [e["labels"] for e in chunk]},
                         tokenizer.pad_token_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if n:
             total += model(**batch).loss.float().item() * n
             count += n
