@@ -52,6 +52,11 @@ def dataset_fingerprint(data_cfg, ds=None) -> str:
     return ";".join(f"{s.path}={source_fingerprint(s)}" for s in sources)
 
 
+def source_fingerprints(data_cfg) -> dict:
+    """{path: fingerprint} of every source (file hashes; hub names with their split)."""
+    return {s.path: source_fingerprint(s) for s in data_cfg.sources()}
+
+
 def tokenize_dataset(ds, data_cfg, tokenizer, fmt: Optional[str] = None):
     """input_ids, labels (response-only unless train_on_prompt) and a truncated flag per row."""
     fmt = fmt or data_cfg.format

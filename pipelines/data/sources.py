@@ -86,6 +86,33 @@ def _load_rows(source, text_unit: str):
     return load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
 
 
+def iter_file_rows(path: Path, text_unit: str = "line"):
+    """Rows of a local JSONL/Parquet/.txt file one by one from its start, never the whole file
+    in memory (a .txt by paragraph is read whole)."""
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            yield from (json.loads(line) for line in f if line.strip())
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    elif path.suffix == ".txt" and text_unit == "line":
+        with path.open(encoding="utf-8") as f:
+            yield from ({"text": line.rstrip("\n")} for line in f if line.strip())
+    else:
+        yield from ({"text": doc} for doc in split_documents(read_utf8(path), text_unit))
+
+
+def mapped_row(row: dict, source, row_no: int) -> dict:
+    """`row` with the source's column mapping applied; a mapped column it lacks is an error."""
+    for field, column in source.columns.items():
+        if column not in row:
+            raise UserError(f"data columns: {field} -> {column!r}, but row {row_no} of {source.path} has no column "
+                            f"{column!r} (columns: {', '.join(row)})")
+    return {**row, **{field: row[column] for field, column in source.columns.items()}}
+
+
 def load_raw_dataset(source, text_unit: str = "line"):
     """Rows of one source, with its column mapping applied (a DataSection works as the source too)."""
     source = source.sources()[0] if hasattr(source, "sources") else source

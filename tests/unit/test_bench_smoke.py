@@ -138,3 +138,14 @@ def test_run_cpu_quick_ray_backed(tmp_path):
     st = json.loads((tmp_path / "startup.json").read_text())
     assert st["wall_to_first_step_s"]["median"] > 0
     assert set(st["phases_s"]) >= {"cli_s", "ray_init_s", "deepspeed_init_s", "first_step_s"}
+
+
+def test_packing_bench_training_half_at_quick_size(tmp_path):
+    """bench/packing.py's training half (no Ray): packed blocks carry far less padding than padded
+    micro batches of the same long-tailed examples, and the report says so."""
+    pk = load("packing")
+    a = pk.parse(["--quick"])
+    out = pk.bench_training(a, tmp_path)
+    assert out["packed"]["non_pad_share"]["median"] > 0.8 > out["padded"]["non_pad_share"]["median"]
+    assert out["speedup_real_tokens_per_s"] > 0 and out["data"]["tokens_max"] > 2 * out["data"]["tokens_p50"]
+    assert out["data"]["examples_per_block"] > 1
