@@ -46,20 +46,23 @@ def first_rows(source, text_unit: str, n: int) -> list[dict]:
     return rows
 
 
-def encoded_rows(rows: list[dict], source, data_cfg, tokenizer) -> list[dict]:
-    """Each row's full token ids and labels (before truncation)."""
-    return [tokenize_row(*render_row(r, i, data_cfg, tokenizer, source.format), tokenizer, 1 << 62)
-            for i, r in enumerate(rows, 1)]
+def row_summaries(rows: list[dict], source, data_cfg, tokenizer) -> list[tuple[int, bool]]:
+    """(tokens before truncation, whether any label survives truncation) of each row; the token
+    lists themselves are dropped row by row, so a sample of long rows stays small."""
+    out = []
+    for i, row in enumerate(rows, 1):
+        enc = tokenize_row(*render_row(row, i, data_cfg, tokenizer, source.format), tokenizer, 1 << 62)
+        out.append((len(enc["input_ids"]), any(t != IGNORE_INDEX for t in enc["labels"][:data_cfg.max_seq_len])))
+    return out
 
 
-def length_stats(encoded: list[dict], max_len: int, micro_batch: int, seed: int = 0) -> dict:
-    lengths = np.array([len(e["input_ids"]) for e in encoded])
-    kept = [min(n, max_len) for e, n in zip(encoded, lengths)
-            if any(t != IGNORE_INDEX for t in e["labels"][:max_len])]
+def length_stats(summaries: list[tuple[int, bool]], max_len: int, micro_batch: int, seed: int = 0) -> dict:
+    lengths = np.array([n for n, _ in summaries])
+    kept = [min(n, max_len) for n, labelled in summaries if labelled]
     blocks = len(best_fit_decreasing(kept, max_len)) if kept else 0
     return {"tokens_p50": int(np.percentile(lengths, 50)), "tokens_p95": int(np.percentile(lengths, 95)),
             "tokens_max": int(lengths.max()), "truncated_share": float((lengths > max_len).mean()),
-            "no_trainable_tokens": len(encoded) - len(kept),
+            "no_trainable_tokens": len(summaries) - len(kept),
             "packing_efficiency": packing_efficiency(kept, max_len, blocks) if kept else 0.0,
             "padded_efficiency": padded_efficiency(kept, micro_batch, seed)}
 
@@ -79,7 +82,7 @@ def source_report(source, data_cfg, tokenizer, sample: int, micro_batch: int = 8
     rows = first_rows(source, data_cfg.text_unit, sample)
     report = {"path": source.path, "format": source.format, "weight": source.weight,
               "rows": count_rows(source, data_cfg.text_unit), "sampled": len(rows)}
-    report.update(length_stats(encoded_rows(rows, source, data_cfg, tokenizer), data_cfg.max_seq_len, micro_batch))
+    report.update(length_stats(row_summaries(rows, source, data_cfg, tokenizer), data_cfg.max_seq_len, micro_batch))
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 

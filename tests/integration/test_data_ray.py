@@ -38,10 +38,11 @@ def recorded_ray(tmp_path_factory):
 
 
 def write_corpus(path: Path) -> int:
-    """ROWS text rows of ~600 bytes; each starts with its id (digits are single tokens), so rows
-    differ. Bodies come from a small pool: generating stays well under a second."""
+    """ROWS text rows of ~3 KB (a 300 MB corpus, so that what the driver must hold anyway is
+    small beside it); each starts with its id (digits are single tokens), so rows differ.
+    Bodies come from a small pool: generating takes a second or two."""
     rng = random.Random(0)
-    pool = [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(150, 450))) for _ in range(64)]
+    pool = [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(1000, 2000))) for _ in range(64)]
     with path.open("w") as f:
         f.writelines(json.dumps({"text": f"{' '.join(str(i))} : {pool[i % 64]}"}) + "\n" for i in range(ROWS))
     return path.stat().st_size
@@ -138,9 +139,10 @@ def test_streamed_corpus_trains_with_bounded_driver_memory_and_resumes_exactly(r
     assert lost_and_redone > 0  # the kill really landed after the checkpoint
     assert len(trained) == len(set(trained)) == STEPS * MICRO * 2  # no example trained twice
 
-    # The driver never held the corpus: its peak RSS grew by far less than the corpus file.
+    # The driver never held the corpus: its peak RSS grew by far less than the corpus file (what
+    # it does hold: Ray Train's and MLflow's bookkeeping, the 2000-row sample, the eval rows).
     growth = rss.peak - before
-    assert growth < corpus_bytes / 4, (growth, corpus_bytes)
+    assert growth < corpus_bytes / 5, (growth, corpus_bytes)
     lineage = run.lineage()
     assert lineage["data_stats"]["engine"] == "ray" and lineage["data_stats"]["sample"]["rows"] == ROWS
     assert lineage["datasets"][0]["fingerprint"].startswith("sha256:")

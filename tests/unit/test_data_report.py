@@ -7,30 +7,37 @@ import json
 import pytest
 
 from pipelines.cli import main
-from pipelines.data.render import IGNORE_INDEX
 from pipelines.data.report import length_stats, padded_efficiency
 
 
-def enc(n: int, labelled_from: int = 0) -> dict:
-    return {"input_ids": [7] * n, "labels": [IGNORE_INDEX] * labelled_from + [7] * (n - labelled_from)}
+def enc(n: int, labelled_from: int = 0, max_len: int = 8) -> tuple[int, bool]:
+    """A row's summary: n tokens, labelled from `labelled_from` on (is any label left after max_len?)."""
+    return n, labelled_from < min(n, max_len)
 
 
 def test_length_stats_on_known_lengths():
     # Lengths 1..100: p50 50.5 -> 50 (int), p95 95.05 -> 95; 20 rows longer than 80 are cut.
-    rows = [enc(n) for n in range(1, 101)]
+    rows = [enc(n, max_len=80) for n in range(1, 101)]
     s = length_stats(rows, max_len=80, micro_batch=4)
     assert (s["tokens_p50"], s["tokens_p95"], s["tokens_max"]) == (50, 95, 100)
     assert s["truncated_share"] == pytest.approx(0.2)
     assert s["no_trainable_tokens"] == 0
 
 
-def test_rows_whose_labels_all_fall_past_max_seq_len_have_no_trainable_tokens():
-    rows = [enc(10, labelled_from=9), enc(10, labelled_from=4), enc(3)]
-    assert length_stats(rows, max_len=8, micro_batch=2)["no_trainable_tokens"] == 1
+def test_rows_whose_labels_all_fall_past_max_seq_len_have_no_trainable_tokens(tiny_tokenizer):
+    from pipelines.config.schema import DataSection
+    from pipelines.data.report import row_summaries
+
+    data = DataSection(path="x.jsonl", max_seq_len=24)
+    rows = [{"instruction": "Repeat the word.", "input": "a", "output": "a"},
+            {"instruction": "Repeat the word.", "input": " ".join("b" * 30), "output": "b"}]  # prompt > 24 tokens
+    (short, short_ok), (long, long_ok) = row_summaries(rows, data.sources()[0], data, tiny_tokenizer)
+    assert short < 24 < 30 < long and short_ok and not long_ok
+    assert length_stats([(short, short_ok), (long, long_ok)], 24, 2)["no_trainable_tokens"] == 1
 
 
 def test_packing_efficiency_of_a_perfect_fit_is_one_and_padding_is_worse():
-    rows = [enc(n) for n in (6, 4, 7, 3, 5, 5)]
+    rows = [enc(n, max_len=10) for n in (6, 4, 7, 3, 5, 5)]
     s = length_stats(rows, max_len=10, micro_batch=2)
     assert s["packing_efficiency"] == 1.0
     assert s["padded_efficiency"] < 1.0
