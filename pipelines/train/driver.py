@@ -97,7 +97,7 @@ def streamed_data(cfg: PipelineConfig):
     count = cfg.train.eval_batches * cfg.train.micro_batch_size * cfg.scaling.num_workers
     evl = eval_rows(cfg, tokenizer, count)
     if len(evl) < cfg.scaling.num_workers:
-        raise UserError(f"{cfg.data.path} holds {len(evl)} eval rows, fewer than one per worker; "
+        raise UserError(f"{cfg.data.sources()[0].path} holds {len(evl)} eval rows, fewer than one per worker; "
                         "raise data.eval_fraction")
     return tokenized_stream(cfg, "train"), ray.put(PreparedData(train=None, eval=evl, pad_id=tokenizer.pad_token_id))
 

@@ -1,7 +1,8 @@
-"""The Ray Data path on a real local Ray: a generated 100k-row corpus streamed to 2 workers through
-Ray Train's dataset sharding trains with the driver's memory bounded far below the corpus, and a
-SIGKILLed worker's run resumes from its checkpoint without repeating or skipping an example
-(every trained row is recorded per worker through LORAPIPE_RECORD_EXAMPLES)."""
+"""The Ray Data path on a real local Ray: a generated 100k-row corpus, tokenized and packed in
+map_batches and streamed to 2 workers through Ray Train's dataset sharding, trains with the
+driver's memory bounded far below the corpus, and a SIGKILLed worker's run resumes from its
+checkpoint without repeating or skipping an example (every trained block is recorded per worker
+through LORAPIPE_RECORD_EXAMPLES; blocks hold distinct rows, so a repeated block is a repeated row)."""
 from __future__ import annotations
 
 import json
@@ -38,13 +39,16 @@ def recorded_ray(tmp_path_factory):
 
 
 def write_corpus(path: Path) -> int:
-    """ROWS text rows of ~3 KB (a 300 MB corpus, so that what the driver must hold anyway is
-    small beside it); each starts with its id (digits are single tokens), so rows differ.
-    Bodies come from a small pool: generating takes a second or two."""
+    """ROWS rows of ~3 KB (a 300 MB corpus, so that what the driver must hold anyway is small
+    beside it): a short `text` of 8-28 tokens that starts with the row's id (digits are single
+    tokens), so rows differ and several fit a 32-token block, and a `meta` column the text format
+    does not read. Generating takes a second or two."""
     rng = random.Random(0)
-    pool = [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(1000, 2000))) for _ in range(64)]
+    bodies = [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 20))) for _ in range(64)]
+    meta = "x" * 3000
     with path.open("w") as f:
-        f.writelines(json.dumps({"text": f"{' '.join(str(i))} : {pool[i % 64]}"}) + "\n" for i in range(ROWS))
+        f.writelines(json.dumps({"text": f"{' '.join(str(i))} : {bodies[i % 64]}", "meta": meta}) + "\n"
+                     for i in range(ROWS))
     return path.stat().st_size
 
 
@@ -84,7 +88,7 @@ def test_streamed_corpus_trains_with_bounded_driver_memory_and_resumes_exactly(r
     corpus = tmp_path / "corpus.jsonl"
     corpus_bytes = write_corpus(corpus)
     cfg = tiny_config(f"data.path={corpus}", "data.format=text", "data.task=null", "data.max_examples=null",
-                      "data.engine=ray", "data.max_seq_len=32", "data.eval_fraction=0.01",
+                      "data.engine=ray", "data.max_seq_len=32", "data.packing=true", "data.eval_fraction=0.01",
                       "model.quantization=none", "model.dtype=fp32", "scaling.cpus_per_worker=0.5",
                       f"train.micro_batch_size={MICRO}", f"train.max_steps={STEPS}", f"train.checkpoint_every={CKPT}",
                       "train.report_every=2", f"train.eval_every={STEPS}", "train.eval_batches=1",
@@ -121,6 +125,7 @@ def test_streamed_corpus_trains_with_bounded_driver_memory_and_resumes_exactly(r
     run = result["run"]
     metrics = run.metrics()
     assert metrics["restarts"] >= 1 and metrics["train_steps"] == STEPS
+    assert metrics["non_pad_share"] > 0.85  # packed blocks: several examples each, little padding
     resumed = metrics["resumed_from_step"][0]
 
     records = read_records(recorded_ray)
