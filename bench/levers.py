@@ -80,8 +80,8 @@ def child(name: str, model_dir: str, a, out: Path) -> None:
             opt.zero_grad(set_to_none=True)
             loss.item()
             times.append(time.perf_counter() - t0)
-            real.append(float(batch["attention_mask"].sum()))
-            padded.append(float(batch["attention_mask"].numel()))
+            real.append(float(batch.real_tokens))  # packed batches carry position_ids, no mask
+            padded.append(float(batch.slots))
     w = slice(a.warmup, None)
     out.write_text(json.dumps({
         "config": name, "packing": packing, "gradient_checkpointing": ckpt,

@@ -111,7 +111,7 @@ def bare_run(cfg, batches: list, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - t0)
-        tokens.append(float(batch["attention_mask"].sum()))
+        tokens.append(float(batch.real_tokens))
     steady = slice(warmup, None)
     out = {"tokens_per_s": sum(tokens[steady]) / sum(times[steady]),
            "tokens_per_s_all_steps": sum(tokens) / sum(times),

@@ -47,6 +47,25 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """Per-source rows, token lengths, truncation, unlabelled rows and packing efficiency."""
+    import json
+
+    from lora import load_tokenizer
+    from pipelines.config.load import load_config
+    from pipelines.core.errors import UserError
+    from pipelines.data.builtin import resolve_builtins
+    from pipelines.data.report import data_report, format_report
+
+    cfg = resolve_builtins(load_config(args.config, args.overrides))
+    if args.sample <= 0:
+        raise UserError(f"--sample {args.sample}: give a positive number of rows")
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
+    report = data_report(cfg, tokenizer, args.sample)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_train(args) -> int:
     from pipelines.config.load import load_config
     from pipelines.plan.verdict import fit_verdict
@@ -206,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("validate", "check a config and print the resolved form", cmd_validate)
+    dr = with_config("data", "know your data: rows, token lengths, truncation, packing efficiency per source", cmd_data)
+    dr.add_argument("--sample", type=int, default=2000, help="rows of each source to tokenize (default 2000)")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
     t = with_config("train", "one Ray Train run -> run directory (+ MLflow run)", cmd_train)
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
     t.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says it does not fit")

@@ -192,7 +192,7 @@ def effective_settings(config: str, overrides: list[str], cfg=None) -> dict:
 
     if cfg is not None:
         run, mlflow, name = cfg.run.model_dump(), cfg.mlflow.model_dump(), cfg.name
-        paths = [cfg.model.path, cfg.data.path]
+        paths = [cfg.model.path, *(s.path for s in cfg.data.sources())]  # data.path or a mixture
     else:
         try:
             data = apply_overrides(read_yaml(config), overrides)

@@ -92,17 +92,100 @@ class LoraSection(Section):
         return v
 
 
+ChatRole = Literal["system", "user", "assistant"]
+DataFormat = Literal["alpaca", "chat", "sharegpt", "text"]
+# The fields each format reads from a row; `columns` may map them to other column names.
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
+                 "sharegpt": ("conversations",), "text": ("text",)}
+RAY_DATA_SUFFIXES = (".jsonl", ".parquet", ".txt")
+
+
+class ShareGptSection(Section):
+    """How sharegpt turns are read: which keys hold the speaker and the text, and what each
+    speaker name means (the chat template is rendered with system/user/assistant roles)."""
+
+    role_key: str = Field("from", description="turn key holding the speaker")
+    content_key: str = Field("value", description="turn key holding the text")
+    roles: dict[str, ChatRole] = Field(
+        {"system": "system", "human": "user", "gpt": "assistant"},
+        description="speaker name -> system/user/assistant; other names are errors")
+
+
+class SourceSection(Section):
+    """One dataset of a mixture (or the only one, from data.path)."""
+
+    path: str = Field(description="local .json/.jsonl/.parquet/.txt file, a datasets hub name, or builtin:demo-tasks")
+    format: DataFormat = Field("alpaca", description="row layout")
+    weight: float = Field(1.0, gt=0, description="share of the mixture (normalised over the sources)")
+    split: str = Field("train", description="split to read from a hub dataset")
+    columns: dict[str, str] = Field(
+        {}, description="format field -> column of this file, e.g. {instruction: prompt, output: completion}")
+    max_examples: Optional[int] = Field(None, gt=0, description="use at most this many rows of this source")
+
+    @model_validator(mode="after")
+    def _columns_are_format_fields(self):
+        bad = sorted(set(self.columns) - set(FORMAT_FIELDS[self.format]))
+        if bad:
+            raise ValueError(f"columns: {bad[0]!r} is not a field of format {self.format}; "
+                             f"fields: {', '.join(FORMAT_FIELDS[self.format])}")
+        return self
+
+
 class DataSection(Section):
-    path: str = Field(description="local .json/.jsonl/.parquet file, a datasets hub name, or builtin:demo-tasks")
-    format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="row layout")
+    path: Optional[str] = Field(None, description="one source: local .json/.jsonl/.parquet/.txt file, a datasets "
+                                                  "hub name, or builtin:demo-tasks (or use data.datasets)")
+    datasets: Optional[list[SourceSection]] = Field(
+        None, description="a weighted mixture of sources, each with its own path/format/weight/columns")
+    format: DataFormat = Field("alpaca", description="row layout of data.path")
     split: str = Field("train", description="split to read from a hub dataset")
     text_field: str = Field("text", description="column holding the text for format=text")
+    columns: dict[str, str] = Field({}, description="data.path: format field -> column of the file")
+    text_unit: Literal["line", "paragraph"] = Field(
+        "line", description=".txt files: one document per line, or per blank-line-separated paragraph")
+    sharegpt: ShareGptSection = Field(ShareGptSection(), description="sharegpt turn keys and speaker names")
+    mix_until: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="mixture ends when the first source runs out, or when all have (oversampling)")
     train_on_prompt: bool = Field(False, description="also compute loss on prompt tokens")
     max_seq_len: int = Field(256, ge=8, le=131072, description="tokens per example after truncation")
-    packing: bool = Field(False, description="concatenate examples into full max_seq_len blocks")
+    packing: bool = Field(False, description="place whole training examples into max_seq_len blocks "
+                                             "(never attending across examples); eval is never packed")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share for eval")
     max_examples: Optional[int] = Field(None, gt=0, description="use at most this many rows")
     task: Optional[str] = Field(None, description="builtin:demo-tasks only: which task to train on")
+    engine: Literal["auto", "driver", "ray"] = Field(
+        "auto", description="driver: datasets in the driver; ray: Ray Data streams shards to workers; "
+                            "auto: ray when the local files reach ray_min_bytes")
+    ray_min_bytes: int = Field(1 << 30, gt=0, description="engine=auto: source size from which Ray Data is used")
+
+    @model_validator(mode="after")
+    def _one_way_to_name_data(self):
+        if (self.path is None) == (self.datasets is None):
+            raise ValueError("give either data.path (one source) or data.datasets (a mixture), not both or neither")
+        if self.datasets is not None and not self.datasets:
+            raise ValueError("data.datasets is empty; list at least one source")
+        if self.path is not None:
+            SourceSection(path=self.path, format=self.format, columns=self.columns)  # same column rules
+        if self.engine == "ray":
+            self._check_ray_sources()
+        return self
+
+    def _check_ray_sources(self) -> None:
+        if self.datasets is not None and len(self.datasets) > 1:
+            raise ValueError("data.engine=ray reads one source; a mixture is prepared with data.engine=driver")
+        path = self.sources()[0].path
+        if not path.endswith(RAY_DATA_SUFFIXES):
+            raise ValueError(f"data.engine=ray reads local {', '.join(RAY_DATA_SUFFIXES)} files; got {path!r}")
+
+    def sources(self) -> list[SourceSection]:
+        """The sources to read: data.datasets, or data.path as the one-source case."""
+        if self.datasets is not None:
+            return list(self.datasets)
+        columns = self.columns or ({"text": self.text_field} if self.format == "text" and self.text_field != "text"
+                                   else {})
+        return [SourceSection(path=self.path, format=self.format, split=self.split, columns=columns)]
+
+    def formats(self) -> set[str]:
+        return {s.format for s in self.sources()}
 
 
 class TrainSection(Section):
@@ -233,8 +316,8 @@ class PipelineConfig(Section):
             # ZeRO-3 partitions the output head; the chunked loss reads its whole weight outside its forward.
             raise ValueError(f"train.loss={self.train.loss} needs deepspeed.stage <= 2 (ZeRO-3 partitions the output "
                              "head's weight); use train.loss=plain with stage 3")
-        if self.data.format == "text" and self.data.train_on_prompt:
-            raise ValueError("data.train_on_prompt only applies to alpaca/chat formats (text has no prompt)")
+        if self.data.formats() == {"text"} and self.data.train_on_prompt:
+            raise ValueError("data.train_on_prompt only applies to alpaca/chat/sharegpt formats (text has no prompt)")
         if self.tune and self.tune.asha.enabled and self.tune.asha.grace_period >= self.train.max_steps:
             raise ValueError(f"tune.asha.grace_period={self.tune.asha.grace_period} must be < "
                              f"train.max_steps={self.train.max_steps}")

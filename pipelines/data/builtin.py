@@ -115,12 +115,17 @@ def resolve_builtins(cfg):
         cfg.model.path = str(materialize_tiny_llama(seed=0))
     elif cfg.model.path.startswith("builtin:"):
         raise UserError(f"model.path={cfg.model.path!r} is not a builtin; the builtin model is {TINY_LLAMA}")
-    if cfg.data.path == DEMO_TASKS:
-        n = cfg.data.max_examples or 2000
-        cfg.data.path = str(materialize_demo_tasks(cfg.data.task, n, cfg.seed))
-        cfg.data.task = None  # the materialised file holds exactly that task's rows
-    elif cfg.data.path.startswith("builtin:"):
-        raise UserError(f"data.path={cfg.data.path!r} is not a builtin; the builtin dataset is {DEMO_TASKS}")
-    elif cfg.data.task is not None:
-        raise UserError(f"data.task={cfg.data.task!r} only applies to data.path={DEMO_TASKS}")
+    data = cfg.data
+    if data.path == DEMO_TASKS:
+        n = data.max_examples or 2000
+        data.path = str(materialize_demo_tasks(data.task, n, cfg.seed))
+        data.task = None  # the materialised file holds exactly that task's rows
+    elif data.task is not None:
+        raise UserError(f"data.task={data.task!r} only applies to data.path={DEMO_TASKS}")
+    for source in data.datasets or []:
+        if source.path == DEMO_TASKS:
+            source.path = str(materialize_demo_tasks(None, source.max_examples or 2000, cfg.seed))
+    for path in [s.path for s in data.sources()]:
+        if path.startswith("builtin:"):
+            raise UserError(f"data path {path!r} is not a builtin; the builtin dataset is {DEMO_TASKS}")
     return cfg

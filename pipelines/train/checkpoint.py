@@ -35,6 +35,9 @@ class TrainerState:
     step: int = 0                  # optimizer steps done
     position: int = 0              # micro batches consumed (data position)
     tokens: int = 0                # non-pad tokens trained on, all workers
+    slots: int = 0                 # token slots of those batches (tokens + padding), all workers
+    epoch: int = 0                 # streamed data (Ray Data): epoch of the stream
+    epoch_position: int = 0        # streamed data: micro batches each worker consumed in that epoch
     train_seconds: float = 0.0     # time inside forward/backward/step, all windows
     history: list = field(default_factory=list)
     restarts: int = 0

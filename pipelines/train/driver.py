@@ -56,17 +56,50 @@ def preflight(cfg: PipelineConfig):
     from lora import load_tokenizer
     from lora.base import build_bnb_config
     from pipelines.data.prepare import prepare_data
+    from pipelines.data.streaming import use_ray_data
 
     if cfg.model.is_quantized:
         build_bnb_config(cfg.model.dtype, cfg.model.quantization, cfg.model.double_quant, cfg.model.quant_storage)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
     check_target_modules(cfg)
+    if use_ray_data(cfg.data):
+        return sampled_data(cfg.data, tokenizer, cfg.seed)
     data = prepare_data(cfg.data, tokenizer, cfg.seed)
     shard_size = len(data.train) // cfg.scaling.num_workers
     if shard_size < cfg.train.micro_batch_size:
         raise UserError(f"{len(data.train)} training examples give each of {cfg.scaling.num_workers} workers "
                         f"{shard_size}, fewer than train.micro_batch_size={cfg.train.micro_batch_size}")
     return data
+
+
+def sampled_data(data_cfg, tokenizer, seed: int):
+    """Ray Data path preflight: the first rows checked and measured as the driver path would
+    (the rest is checked while streaming); the fingerprint is the whole file's."""
+    from pipelines.data.prepare import PreparedData, dataset_fingerprint
+    from pipelines.data.report import SAMPLE_ROWS, source_report
+
+    source = data_cfg.sources()[0]
+    stats = {"engine": "ray", "sample": source_report(source, data_cfg, tokenizer, SAMPLE_ROWS)}
+    fingerprint = dataset_fingerprint(data_cfg)
+    return PreparedData(train=None, eval=None, stats=stats, fingerprint=fingerprint, pad_id=tokenizer.pad_token_id,
+                        fingerprints={source.path: fingerprint})
+
+
+def streamed_data(cfg: PipelineConfig):
+    """(Ray Dataset of the training split, ref to the eval rows + pad id) for the Ray Data path."""
+    import ray
+
+    from lora import load_tokenizer
+    from pipelines.data.prepare import PreparedData
+    from pipelines.data.streaming import eval_rows, tokenized_stream
+
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
+    count = cfg.train.eval_batches * cfg.train.micro_batch_size * cfg.scaling.num_workers
+    evl = eval_rows(cfg, tokenizer, count)
+    if len(evl) < cfg.scaling.num_workers:
+        raise UserError(f"{cfg.data.sources()[0].path} holds {len(evl)} eval rows, fewer than one per worker; "
+                        "raise data.eval_fraction")
+    return tokenized_stream(cfg, "train"), ray.put(PreparedData(train=None, eval=evl, pad_id=tokenizer.pad_token_id))
 
 
 def ray_train_env_defaults() -> None:
@@ -76,7 +109,16 @@ def ray_train_env_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
 
 
-def start_tracking(cfg: PipelineConfig, tune_trial_id: Optional[str], parent_run_id: Optional[str]):
+def data_tags(fingerprints: dict) -> dict:
+    """MLflow tags naming each data source and its fingerprint."""
+    tags = {}
+    for i, (path, fingerprint) in enumerate(fingerprints.items()):
+        tags[f"lorapipe.data.{i}.path"], tags[f"lorapipe.data.{i}.fingerprint"] = path, fingerprint
+    return tags
+
+
+def start_tracking(cfg: PipelineConfig, tune_trial_id: Optional[str], parent_run_id: Optional[str],
+                   extra_tags: Optional[dict] = None):
     """Create the run's MLflow run in a Ray task (None when MLflow is off): its imports and a new
     store's migrations cost seconds of CPU, which then run beside Ray Train's controller start-up
     instead of in front of it. The task runs on the driver's node, where a sqlite/file store lives;
@@ -90,6 +132,7 @@ def start_tracking(cfg: PipelineConfig, tune_trial_id: Optional[str], parent_run
     tags = {"lorapipe.config": cfg.name, "lorapipe.version": lorapipe_version()}
     if tune_trial_id:
         tags["lorapipe.tune_trial_id"] = tune_trial_id
+    tags.update(extra_tags or {})
     task = ray.remote(num_cpus=0, max_retries=0)(tracking.start_run)
     return task.options(label_selector=driver_node_label()).remote(
         cfg.tracking_uri(), cfg.mlflow.experiment, cfg.run.name, cfg.model_dump(mode="json"), tags,
@@ -108,7 +151,7 @@ def ship_data(data):
     return ray.put(small) if small is not None else None
 
 
-def build_trainer(cfg: PipelineConfig, loop_config: dict, callbacks: list):
+def build_trainer(cfg: PipelineConfig, loop_config: dict, callbacks: list, train_stream=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -119,6 +162,11 @@ def build_trainer(cfg: PipelineConfig, loop_config: dict, callbacks: list):
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = 1
+    streamed = {}
+    if train_stream is not None:  # Ray Data: each worker reads its split through get_dataset_shard("train")
+        from pipelines.data.streaming import train_data_config
+
+        streamed = {"datasets": {"train": train_stream}, "dataset_config": train_data_config()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -132,6 +180,7 @@ def build_trainer(cfg: PipelineConfig, loop_config: dict, callbacks: list):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=callbacks,
         ),
+        **streamed,
     )
 
 
@@ -148,6 +197,7 @@ def final_metrics(state: dict) -> dict:
         "train_steps": state["step"],
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in history),
         "tokens": state["tokens"],
+        "non_pad_share": state["tokens"] / max(state.get("slots", 0), 1) if state.get("slots") else None,
         "restarts": state.get("restarts", 0),
         "resumed_from_step": state.get("resumed_from_step", []),
     }
@@ -170,20 +220,27 @@ def startup_breakdown(driver: dict, first_report: dict) -> dict:
     }
 
 
+def per_source(cfg: PipelineConfig, fingerprints: dict) -> list[dict]:
+    return [{"path": s.path, "format": s.format, "weight": s.weight, "fingerprint": fingerprints.get(s.path)}
+            for s in cfg.data.sources()]
+
+
 def lineage(cfg: PipelineConfig, source_model: str, fingerprint: str, data_stats: dict, extra: dict) -> dict:
     from lora import model_content_hash
+    from pipelines.data.prepare import source_fingerprints
 
     return {
         "base_model": cfg.model.path,
         "base_model_source": source_model,
         "base_model_sha256": model_content_hash(cfg.model.path),
-        "dataset": cfg.data.path,
+        "dataset": cfg.data.path or [s.path for s in cfg.data.sources()],
         "dataset_fingerprint": fingerprint,
+        "datasets": per_source(cfg, extra.get("fingerprints") or source_fingerprints(cfg.data)),
         "data_stats": data_stats,
         "lorapipe_version": lorapipe_version(),
         "git_commit": git_commit(),
         "seed": cfg.seed,
-        **extra,
+        **{k: v for k, v in extra.items() if k != "fingerprints"},
     }
 
 
@@ -236,7 +293,8 @@ def train(cfg: PipelineConfig, *, progress: bool = True, tune_trial_id: Optional
     import ray
 
     from pipelines.data.builtin import resolve_builtins
-    from pipelines.data.prepare import dataset_fingerprint
+    from pipelines.data.prepare import dataset_fingerprint, source_fingerprints
+    from pipelines.data.streaming import use_ray_data
     from pipelines.tracking import runs as tracking
     from pipelines.train.progress import ForwardMetrics, ProgressSink, live_progress
 
@@ -249,18 +307,20 @@ def train(cfg: PipelineConfig, *, progress: bool = True, tune_trial_id: Optional
     data = None
     if preflight_checks:
         data = preflight(cfg)
-        fingerprint, data_stats = data.fingerprint, data.stats
+        fingerprint, data_stats, fingerprints = data.fingerprint, data.stats, data.fingerprints
     else:  # a Tune trial: the driver already checked the base config and the searched values
-        fingerprint, data_stats = dataset_fingerprint(cfg.data, None), {}
+        fingerprint, data_stats, fingerprints = dataset_fingerprint(cfg.data, None), {}, source_fingerprints(cfg.data)
     marks["preflight_done"] = time.time()
 
     ensure_ray(cfg)
     warn_if_not_shared(cfg)
     marks["ray_ready"] = time.time()
-    pending_run = start_tracking(cfg, tune_trial_id, parent_run_id)
+    pending_run = start_tracking(cfg, tune_trial_id, parent_run_id, data_tags(fingerprints))
     sink = ProgressSink.options(label_selector=driver_node_label()).remote()
-    loop_config = {"config": cfg.model_dump(mode="json"), "mlflow_run": pending_run, "data": ship_data(data)}
-    trainer = build_trainer(cfg, loop_config, [ForwardMetrics(sink), *(callbacks or [])])
+    train_stream, shipped = streamed_data(cfg) if use_ray_data(cfg.data) else (None, ship_data(data))
+    loop_config = {"config": cfg.model_dump(mode="json"), "mlflow_run": pending_run, "data": shipped,
+                   "streamed": train_stream is not None}
+    trainer = build_trainer(cfg, loop_config, [ForwardMetrics(sink), *(callbacks or [])], train_stream)
     try:
         with live_progress(sink, cfg.train.max_steps, cfg.run.name, enabled=progress):
             result = trainer.fit()
@@ -276,7 +336,7 @@ def train(cfg: PipelineConfig, *, progress: bool = True, tune_trial_id: Optional
         ray.kill(sink)
     run_id = tracking.run_id_of(pending_run)
     extra = {"tune_trial_id": tune_trial_id, "mlflow_run_id": run_id, "ray_run_path": result.path,
-             "checkpoint": result.checkpoint.path}
+             "checkpoint": result.checkpoint.path, "fingerprints": fingerprints}
     with result.checkpoint.as_directory() as ckpt:
         out = run_dir_from_checkpoint(Path(ckpt), run_dir, source_model=source_model, fingerprint=fingerprint,
                                       data_stats=data_stats, extra=extra, marks=marks)

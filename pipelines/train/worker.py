@@ -119,7 +119,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def worker_data(cfg: PipelineConfig, shipped):
     """The prepared data: the driver's copy from Ray's object store when it shipped one (it
-    prepared the data anyway, in preflight), else the same deterministic preparation here."""
+    prepared the data anyway, in preflight; with Ray Data, only the eval rows), else the same
+    deterministic preparation here."""
     if shipped is not None:
         import ray
 
@@ -131,11 +132,61 @@ def worker_data(cfg: PipelineConfig, shipped):
     return prepare_data(cfg.data, tokenizer, cfg.seed)
 
 
+def train_batches_from(cfg: PipelineConfig, data, state, world: int, rank: int, streamed: bool):
+    """A function returning the next training micro batch and advancing `state`'s data position:
+    this worker's shard of the prepared data (addressable by position), or its Ray Data shard
+    (a stream; a restart skips the micro batches the checkpoint says this epoch consumed)."""
+    import ray.train
+
+    from pipelines.data.batches import MicroBatches, shard
+    from pipelines.data.streaming import StreamBatches
+
+    mb = cfg.train.micro_batch_size
+    if not streamed:
+        batches = MicroBatches(shard(data.train, world, rank), mb, cfg.seed, data.pad_id)
+
+        def next_from_shard():
+            state.position += 1
+            state.epoch = (state.position - 1) // batches.per_epoch
+            return batches[state.position - 1]
+        return next_from_shard
+    stream = StreamBatches(ray.train.get_dataset_shard("train"), mb, data.pad_id, state.epoch, state.epoch_position)
+
+    def next_from_stream():
+        batch = stream.next()
+        state.position += 1
+        state.epoch, state.epoch_position = stream.epoch, stream.in_epoch
+        return batch
+    return next_from_stream
+
+
+def record_examples(batch, rank: int, state) -> None:
+    """Test instrumentation: LORAPIPE_RECORD_EXAMPLES=<dir> appends, per worker, one line per
+    trained row (restarts, step, data position, a hash of its tokens), so a test can count which
+    examples a run consumed across a restart."""
+    import hashlib
+
+    out = os.environ.get("LORAPIPE_RECORD_EXAMPLES")
+    if not out:
+        return
+    ids = batch["input_ids"]
+    real = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [ids.shape[1]] * len(ids)
+    lines = [f"{state.restarts} {state.step} {state.position} {hashlib.sha1(str(row[:n]).encode()).hexdigest()[:16]}\n"
+             for row, n in zip(ids.tolist(), real)]
+    with open(Path(out) / f"rank{rank}.txt", "a") as f:
+        f.writelines(lines)
+
+
+def new_window() -> dict:
+    """What a worker sums between two reports."""
+    return {"loss": 0.0, "micro": 0, "tokens": 0.0, "slots": 0.0, "seconds": 0.0}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from pipelines.data.prepare import MicroBatches, eval_batches, shard
+    from pipelines.data.batches import eval_batches, shard, to_device
     from pipelines.tracking.runs import MetricsLogger, run_id_of
 
     marks = {"worker_start": time.time()}  # start-up breakdown, reported once
@@ -147,7 +198,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Data: the same deterministic split on every worker, then this worker's shard.
     data = worker_data(cfg, loop_config.get("data"))
-    train_batches = MicroBatches(shard(data.train, world, rank), cfg.train.micro_batch_size, cfg.seed, data.pad_id)
     eval_set = eval_batches(shard(data.eval, world, rank), cfg.train.micro_batch_size, cfg.train.eval_batches,
                             len(data.eval), world, data.pad_id)
     marks["data_ready"] = time.time()
@@ -161,6 +211,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine = build_engine(cfg, model)
     marks["engine_ready"] = time.time()
     state = restore(engine, rank)
+    next_batch = train_batches_from(cfg, data, state, world, rank, bool(loop_config.get("streamed")))
     if rank == 0:
         # One quick attempt per report: MetricsLogger retries later itself, so MLflow's own HTTP
         # retries (seconds of backoff each) would only stall training while the server is away.
@@ -168,19 +219,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = MetricsLogger(run_id_of(loop_config.get("mlflow_run")), cfg.tracking_uri()) if rank == 0 else None
 
     tr = cfg.train
-    window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "seconds": 0.0}
+    window = new_window()
     engine.train()
     while state.step < tr.max_steps:
         t0 = time.perf_counter()
         for _ in range(tr.grad_accum):
-            batch = {k: v.to(device) for k, v in train_batches[state.position].items()}
-            state.position += 1
-            loss = training_loss(engine, engine.module, batch, tr.loss, tr.loss_chunk_tokens)
+            host_batch = next_batch()
+            record_examples(host_batch, rank, state)
+            loss = training_loss(engine, engine.module, to_device(host_batch, device), tr.loss, tr.loss_chunk_tokens)
             engine.backward(loss)
             engine.step()
             window["loss"] += loss.item()
             window["micro"] += 1
-            window["tokens"] += float(batch["attention_mask"].sum())
+            window["tokens"] += host_batch.real_tokens
+            window["slots"] += host_batch.slots
         window["seconds"] += time.perf_counter() - t0
         state.step += 1
         if marks is not None:
@@ -191,20 +243,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         do_ckpt = state.step % tr.checkpoint_every == 0 or last
         if not (do_eval or do_ckpt or state.step % tr.report_every == 0):
             continue
-        loss_sum, micro, tokens, seconds = all_reduce(
-            [window["loss"], window["micro"], window["tokens"], window["seconds"]], device)
+        loss_sum, micro, tokens, slots, seconds = all_reduce(
+            [window["loss"], window["micro"], window["tokens"], window["slots"], window["seconds"]], device)
         state.tokens += int(tokens)
+        state.slots += int(slots)
         state.train_seconds += seconds / world
         metrics = {"step": state.step, "train_loss": loss_sum / max(micro, 1), "lr": engine.get_lr()[0],
                    "tokens_per_s": tokens / max(seconds / world, 1e-9), "tokens": state.tokens,
                    "peak_memory_bytes": int(all_reduce([peak_memory_bytes(device)], device, dist.ReduceOp.MAX)[0]),
-                   "epoch": state.position / train_batches.per_epoch, "restarts": state.restarts}
+                   "non_pad_share": tokens / max(slots, 1.0), "epoch": state.epoch, "restarts": state.restarts}
         if do_eval:
             metrics.update(evaluate(engine, eval_set, device))
         if marks is not None:  # first report of this process: how start-up time was spent
             metrics.update({f"startup_{k}": v for k, v in marks.items()})
             marks = None
-        window = {"loss": 0.0, "micro": 0, "tokens": 0.0, "seconds": 0.0}
+        window = new_window()
         state.history.append(metrics)
         if logger:
             logger.log(metrics, state.step)

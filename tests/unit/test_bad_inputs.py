@@ -27,6 +27,12 @@ def env(tmp_path, builtin_tiny_llama_dir):
     (tmp_path / "bad_role.jsonl").write_text(json.dumps(chat) + "\n")
     no_assistant = {"messages": [{"role": "user", "content": "a"}]}
     (tmp_path / "no_assistant.jsonl").write_text(json.dumps(no_assistant) + "\n")
+    sharegpt = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]
+    (tmp_path / "sg_role.jsonl").write_text(json.dumps({"conversations": sharegpt}) + "\n"
+                                            + json.dumps({"conversations": sharegpt + [{"from": "bard", "value": "c"}]}))
+    (tmp_path / "sg_empty.jsonl").write_text(json.dumps({"conversations": []}) + "\n")
+    (tmp_path / "latin1.txt").write_bytes(b"a b\nna\xefve\n")
+    (tmp_path / "blank.txt").write_text("\n\n")
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "README").write_text("no weights here")
     (tmp_path / "partial_run").mkdir()
@@ -82,6 +88,21 @@ CASES = [
     ("unknown demo task", lambda e: _train(e, "data.task=juggle"), "not a demo task"),
     ("task on a file", lambda e: _train(e, f"data.path={e['tmp'] / 'good.jsonl'}"), "only applies"),
     ("batch larger than shard", lambda e: _train(e, "data.max_examples=20", "train.micro_batch_size=16"), "micro_batch_size"),
+    ("sharegpt unknown role", lambda e: _train(e, f"data.path={e['tmp'] / 'sg_role.jsonl'}", "data.task=null",
+                                                "data.format=sharegpt"), "row 2, turn 3: unknown role 'bard'"),
+    ("sharegpt empty conversation", lambda e: _train(e, f"data.path={e['tmp'] / 'sg_empty.jsonl'}", "data.task=null",
+                                                      "data.format=sharegpt"), "non-empty list field 'conversations'"),
+    ("txt not utf-8", lambda e: _train(e, f"data.path={e['tmp'] / 'latin1.txt'}", "data.task=null", "data.format=text"),
+     "not UTF-8: byte 6"),
+    ("txt empty", lambda e: _train(e, f"data.path={e['tmp'] / 'blank.txt'}", "data.task=null", "data.format=text"),
+     "is empty"),
+    ("column mapping to a missing column", lambda e: _train(e, f"data.path={e['tmp'] / 'good.jsonl'}", "data.task=null",
+                                                             "data.columns={output: answer}"), "no column 'answer'"),
+    ("mixture weight zero", lambda e: ["validate", TINY, "data.path=null",
+                                       "data.datasets=[{path: a.jsonl}, {path: b.jsonl, weight: 0}]"], "weight"),
+    ("mixture with an empty source", lambda e: _train(e, "data.path=null", "data.task=null",
+                                                       f"data.datasets=[{{path: {e['tmp'] / 'good.jsonl'}}}, "
+                                                       f"{{path: {e['tmp'] / 'empty.jsonl'}}}]"), "is empty"),
     # registry
     ("unknown run dir", lambda e: ["register", str(e["tmp"] / "no_run")], "run directory not found"),
     ("incomplete run dir", lambda e: ["register", str(e["tmp"] / "partial_run")], "not a complete run directory"),
