@@ -196,10 +196,11 @@ class LoraServer:
             texts = [RowText(self.engine.tokenizer, r.max_tokens) for r in rows]
             closed = [False] * len(rows)
             loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+            encoded = self.engine.encode([r.prompt for r in rows])  # tokenizer: this thread only
 
             def run() -> None:
                 try:
-                    self.engine.generate([r.prompt for r in rows], adapters, max(r.max_tokens for r in rows),
+                    self.engine.generate(encoded, adapters, max(r.max_tokens for r in rows),
                                          lambda ids: loop.call_soon_threadsafe(steps.put_nowait, ids))
                 finally:
                     loop.call_soon_threadsafe(steps.put_nowait, None)

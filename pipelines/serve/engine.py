@@ -96,13 +96,17 @@ class MultiAdapterModel:
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
+    def encode(self, prompts: list[str]) -> dict:
+        """The batch's prompts, left-padded. Call it from the thread that decodes answers: a fast
+        tokenizer used from two threads at once fails ("Already borrowed")."""
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.model.device) for k, v in enc.items()}
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], adapters: list[str], max_new_tokens: int,
+    def generate(self, encoded: dict, adapters: list[str], max_new_tokens: int,
                  on_step: Callable[[list[int]], None]) -> None:
         """Greedy decoding of the whole batch at once; row i uses adapter adapters[i] (BASE_ROW: none)."""
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
         per_row = {"adapter_names": adapters} if self.has_adapters else {}
-        self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=StepStreamer(on_step),
+        self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, streamer=StepStreamer(on_step),
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             **per_row)

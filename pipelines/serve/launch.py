@@ -103,9 +103,9 @@ def serve_until_stopped(build: Callable[[], object], name: str, settings: ServeS
     from pipelines.train.ray_cluster import ensure_ray
 
     private = owns_ray()
-    _stop_on_signals()
     try:
         ensure_ray(ray_cfg)
+        _stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
         start_serve(settings)
         deploy(build(), name)
         write_text_atomic(state_file(settings.port), json.dumps({"pid": os.getpid(), "host": settings.host,

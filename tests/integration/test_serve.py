@@ -317,3 +317,28 @@ def test_start_up_errors_are_one_line_exit_2(served, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (argv, err)
+
+
+def test_per_model_request_counts_and_latency_reach_rays_metrics(served):
+    """Counter/Histogram from ray.serve.metrics, scraped from the Prometheus endpoint of the
+    server's own Ray node (its session directory records the port)."""
+    import glob
+
+    sessions = glob.glob(f"/tmp/ray/session_*_{served['proc'].pid}")
+    assert len(sessions) == 1, sessions
+    port = Path(glob.glob(f"{sessions[0]}/metrics_export_port_*")[0]).read_text().strip()
+    want = ('ray_lorapipe_serve_requests_total{', 'model="srv-copy-adapter"', 'status="200"')
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if any(all(w in line for w in want) for line in text.splitlines()):
+            break
+        time.sleep(2)
+    counts = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_lorapipe_serve_requests_total{")}
+    by = {(m, s): v for k, v in counts.items() for m in ("srv-copy-adapter", "srv-reverse-adapter", "(unknown)")
+          for s in ("200", "400", "404") if f'model="{m}"' in k and f'status="{s}"' in k}
+    assert by.get(("srv-copy-adapter", "200"), 0) >= 100 and by.get(("srv-reverse-adapter", "200"), 0) >= 100
+    assert by.get(("(unknown)", "404"), 0) >= 1 and by.get(("srv-copy-adapter", "400"), 0) >= 1
+    assert any(line.startswith("ray_lorapipe_serve_request_latency_s_count{") and 'model="srv-copy-adapter"' in line
+               for line in text.splitlines())
