@@ -143,7 +143,13 @@ def served(tmp_path_factory):
 
         rc = main(["serve", "--stop", "--port", str(port)]) if proc.poll() is None else None
         proc.wait(timeout=120)
-        leftover = [p for p in psutil.process_iter(["pid"]) if _session_of(p) == proc.pid]
+        deadline, leftover = time.monotonic() + 30, []
+        while time.monotonic() < deadline:  # Ray's helpers exit on their own once their raylet is gone
+            leftover = [p for p in psutil.process_iter(["pid", "status"])
+                        if _session_of(p) == proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE]
+            if not leftover:
+                break
+            time.sleep(1)
         for p in leftover:  # our own session only, by PID
             p.kill()
         if cache_before is None:
