@@ -214,6 +214,50 @@ def cmd_demo(args) -> int:
     return run_demo(workdir=args.workdir, quick=args.quick)
 
 
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from pipelines.core.errors import UserError
+    from pipelines.serve.app import ServeSettings
+    from pipelines.serve.launch import run_server, run_vllm, stop_server
+
+    if args.stop:
+        return stop_server(args.port)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registered versions download quietly
+    settings = ServeSettings(host=args.host, port=args.port, follow_interval_s=args.follow_interval,
+                             max_batch_size=args.max_batch_size, max_ongoing_requests=args.max_ongoing,
+                             max_queued_requests=args.max_queued, request_timeout_s=args.request_timeout)
+    uri = default_tracking_uri(args.tracking_uri)
+    if args.engine == "vllm":
+        if not args.lora_path:
+            raise UserError("--engine vllm needs --lora-path s3://... (the folder Ray Serve LLM loads adapters from)")
+        return run_vllm(args.refs, settings, uri, args.lora_path, Path(args.out), args.run)
+    if args.run:
+        raise UserError("--run deploys the --engine vllm config; the peft engine always runs")
+    return run_server(args.refs, settings, uri)
+
+
+def add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible Ray Serve app: one base, many registered adapters")
+    sv.add_argument("refs", nargs="*", metavar="REF", help="run directory, models:/NAME/VERSION or models:/NAME@ALIAS")
+    sv.add_argument("--host", default="127.0.0.1", help="address Serve's HTTP proxy binds (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--follow-interval", type=float, default=30.0, metavar="S",
+                    help="seconds between checks of each @ALIAS REF (a moved alias is served without restart)")
+    sv.add_argument("--engine", choices=["peft", "vllm"], default="peft",
+                    help="peft: serve here (CPU or GPU); vllm: write a Ray Serve LLM config for a GPU cluster")
+    sv.add_argument("--run", action="store_true", help="with --engine vllm: also deploy the written config")
+    sv.add_argument("--stop", action="store_true", help="stop the `lorapipe serve` running on --port")
+    sv.add_argument("--lora-path", help="--engine vllm: cloud folder the adapters are loaded from (s3://, gs://, ...)")
+    sv.add_argument("--out", default="lorapipe-llm.yaml", help="--engine vllm: the Serve config file to write")
+    sv.add_argument("--max-batch-size", type=int, default=16, help="rows per generate() (any mix of adapters)")
+    sv.add_argument("--max-ongoing", type=int, default=64, help="requests in the replica at once")
+    sv.add_argument("--max-queued", type=int, default=512, help="requests waiting beyond that; more get HTTP 503")
+    sv.add_argument("--request-timeout", type=float, default=120.0, metavar="S", help="end-to-end HTTP timeout")
+    sv.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, sqlite:///mlflow.db")
+    sv.set_defaults(fn=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorapipe", description="QLoRA/LoRA fine-tuning on Ray Train + DeepSpeed, "
                                 "Ray Tune search, MLflow registry with gated promotion.")
@@ -294,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub)
     add_rollback_command(sub)
+    add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="the embedded end-to-end run (`make demo`)")
     d.add_argument("--workdir", default=".demo", help="where the demo writes its base model, data and runs")

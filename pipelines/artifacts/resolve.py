@@ -120,7 +120,7 @@ def resolve_registered(ref: str, tracking_uri: Optional[str] = None) -> Resolved
         raise UserError(f"{ref}: version {mv.version} of {mv.name} was not registered by lorapipe (no lorapipe.kind tag)")
     local = download_version(c, mv, uri)
     config = config_from_yaml_text((local / "run" / "config.yaml").read_text())
-    aliases = tuple(sorted(a for a, v in (c.get_registered_model(mv.name).aliases or {}).items() if str(v) == mv.version))
+    aliases = tuple(sorted(a for a, v in (c.get_registered_model(mv.name).aliases or {}).items() if str(v) == str(mv.version)))
     weights = local / kind
     return ResolvedModel(
         ref=ref, kind=kind, config=config, base_path=mv.tags.get("lorapipe.base_model", config.model.path),
@@ -158,18 +158,27 @@ def download_version(c, mv, tracking_uri: str) -> Path:
 def load_for_inference(model: ResolvedModel, device: str = "cpu"):
     """(model, tokenizer) exactly as the reference means it: the base as training loaded it
     (4-bit NF4 when trained as QLoRA) with the adapter on top, or the merged model alone."""
-    from lora import load_adapter, load_base_model, load_tokenizer
+    from lora import load_adapter
+
+    loaded, tokenizer = load_base_for_inference(model, device)
+    if model.kind == "adapter":
+        loaded = load_adapter(loaded, model.adapter_path)
+    loaded.eval()
+    return loaded, tokenizer
+
+
+def load_base_for_inference(model: ResolvedModel, device: str = "cpu"):
+    """(model, tokenizer) without the adapter: the base as training loaded it for kind "adapter"
+    (where a server puts several adapters on it), the merged model itself for kind "merged"."""
+    from lora import load_base_model, load_tokenizer
 
     m = model.config.model
     if model.kind == "merged":
         path = str(model.model_path)
-        tokenizer = load_tokenizer(path)
         loaded = load_base_model(path, dtype=m.dtype, device=device)
-    else:
-        tokenizer = load_tokenizer(model.base_path, m.trust_remote_code, m.revision)
-        base = load_base_model(model.base_path, dtype=m.dtype, quantization=m.quantization,
-                               double_quant=m.double_quant, quant_storage=m.quant_storage, device=device,
-                               trust_remote_code=m.trust_remote_code, revision=m.revision)
-        loaded = base if model.kind == "base" else load_adapter(base, model.adapter_path)
-    loaded.eval()
-    return loaded, tokenizer
+        return loaded.eval(), load_tokenizer(path)
+    tokenizer = load_tokenizer(model.base_path, m.trust_remote_code, m.revision)
+    base = load_base_model(model.base_path, dtype=m.dtype, quantization=m.quantization,
+                           double_quant=m.double_quant, quant_storage=m.quant_storage, device=device,
+                           trust_remote_code=m.trust_remote_code, revision=m.revision)
+    return base.eval(), tokenizer
