@@ -19,17 +19,22 @@ class PipelineOutcome:
 
 
 def register_and_promote(run, tracking_uri: Optional[str] = None) -> PipelineOutcome:
+    """Register the run (adapter and merged versions), move `candidate` on both, then `champion` on
+    both through the gate: the merged model for stock transformers, the adapter for `lorapipe serve`
+    (many adapters on one base)."""
     from pipelines.registry.promote import promote
     from pipelines.registry.register import register_run
 
     uri = tracking_uri or run.config().tracking_uri()
     reg = register_run(run.path, tracking_uri=uri)
+    versions = {f"{reg.name}-adapter": reg.adapter_version, f"{reg.name}-merged": reg.merged_version}
+    lines = ["registered " + " and ".join(f"{name} v{v}" for name, v in versions.items())]
+    for name, version in versions.items():
+        lines.append(promote(name, version, "candidate", tracking_uri=uri, gated=False).message)
+    champions = {name: promote(name, version, "champion", tracking_uri=uri) for name, version in versions.items()}
+    lines += [c.message for c in champions.values()]
     merged = f"{reg.name}-merged"
-    lines = [f"registered {reg.name}-adapter v{reg.adapter_version} and {merged} v{reg.merged_version}"]
-    lines.append(promote(merged, reg.merged_version, "candidate", tracking_uri=uri, gated=False).message)
-    champ = promote(merged, reg.merged_version, "champion", tracking_uri=uri)
-    lines.append(champ.message)
-    return PipelineOutcome(str(run.path), merged, reg.merged_version, champ.promoted, lines)
+    return PipelineOutcome(str(run.path), merged, reg.merged_version, champions[merged].promoted, lines)
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> PipelineOutcome:
