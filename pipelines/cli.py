@@ -22,6 +22,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no sqlite migration chatter on stderr
+    # Downloading a registered version's few files needs no progress bar of its own.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _has_cuda() -> bool:
@@ -223,7 +225,6 @@ def cmd_serve(args) -> int:
 
     if args.stop:
         return stop_server(args.port)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registered versions download quietly
     settings = ServeSettings(host=args.host, port=args.port, follow_interval_s=args.follow_interval,
                              max_batch_size=args.max_batch_size, max_ongoing_requests=args.max_ongoing,
                              max_queued_requests=args.max_queued, request_timeout_s=args.request_timeout)

@@ -185,9 +185,18 @@ def test_release_identity_moves_champion_and_the_audit_tags_name_it(server, run_
     assert champion_version(uri) == v2
     assert tags["lorapipe.forced.champion.by"] == tags["lorapipe.promoted.champion.by"] == "release"
     assert tags["lorapipe.forced.champion.reason"] == "canary"
-    with as_user("release"):  # back to the better version
-        rc, err = lorapipe(capsys, "release back", "promote", MERGED, "1", "--tracking-uri", uri)
-    assert rc == 0 and champion_version(uri) == "1"
+    with as_user("trainer"):  # going back is a rollback: an alias move like any other, MANAGE for champion
+        rc, err = lorapipe(capsys, "trainer rollback", "rollback", MERGED, "--alias", "champion", "--to", "1",
+                           "--reason", "canary failed", "--tracking-uri", uri)
+    assert rc == 2 and "MANAGE" in err and champion_version(uri) == v2
+    with as_user("release"):
+        rc, err = lorapipe(capsys, "release rollback", "rollback", MERGED, "--alias", "champion", "--to", "1",
+                           "--reason", "canary failed", "--tracking-uri", uri)
+    assert rc == 0, err
+    assert champion_version(uri) == "1"
+    back = version_tags(uri, "1")
+    assert back["lorapipe.rollback.champion.by"] == "release" and back["lorapipe.rollback.champion.reason"] == "canary failed"
+    assert back["lorapipe.rollback.champion.from_version"] == v2
 
 
 def test_reader_resolves_and_downloads_but_cannot_register_or_move_aliases(server, run_dir, capsys, tmp_path,
