@@ -76,16 +76,22 @@ def compare_on_gate(c, name: str, candidate, holder, uri: str) -> tuple[bool, li
     return ok, rows, reasons
 
 
+def alias_move(name: str, version: str, alias: str, tracking_uri: str):
+    """(client, the version to move `alias` to, the identity allowed to move it, the alias's holder
+    now). The permission is checked here, before any write; a refusal names what is missing."""
+    reachable(tracking_uri)
+    c = mlflow_client(tracking_uri)
+    check_name(name)
+    target = get_version(c, name, version)
+    who = authorize_alias_move(tracking_uri, c, name, alias)
+    return c, target, who, current_alias(c, name, alias)
+
+
 def promote(name: str, version: str, alias: str = "champion", *, force: bool = False, reason: str = "",
             tracking_uri: str, gated: bool = True) -> Promotion:
     """Move `alias` to `version` if it beats the alias's holder on the model's gate suite.
     gated=False is for aliases that simply track the latest output (e.g. `candidate`)."""
-    reachable(tracking_uri)
-    c = mlflow_client(tracking_uri)
-    check_name(name)
-    candidate = get_version(c, name, version)
-    who = authorize_alias_move(tracking_uri, c, name, alias)  # before any write; names a missing permission
-    current = current_alias(c, name, alias)
+    c, candidate, who, current = alias_move(name, version, alias, tracking_uri)
     if current is not None and current.version == candidate.version:
         return Promotion(True, f"{name}@{alias} is already version {version}")
     rows, reasons = [], []
@@ -120,12 +126,7 @@ def rollback(name: str, alias: str, to_version: str, reason: str, *, tracking_ur
     A version that never held the alias is refused: that is a promotion, and goes through the gate."""
     if not reason.strip():
         raise UserError("rollback needs --reason TEXT (it is recorded on the version)")
-    reachable(tracking_uri)
-    c = mlflow_client(tracking_uri)
-    check_name(name)
-    target = get_version(c, name, to_version)
-    who = authorize_alias_move(tracking_uri, c, name, alias)  # before any write; names a missing permission
-    current = current_alias(c, name, alias)
+    c, target, who, current = alias_move(name, to_version, alias, tracking_uri)
     if current is None:
         raise UserError(f"{name}@{alias} has no holder: nothing to roll back (use promote)")
     if current.version == target.version:

@@ -38,21 +38,27 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
-    def start(self, timeout: float = 90) -> "MlflowServer":
-        import subprocess
+    def command(self) -> list[str]:
         import sys
-        import time
-        import urllib.request
         from pathlib import Path
 
-        mlflow_bin = Path(sys.executable).with_name("mlflow")
-        self.proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        return [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                f"sqlite:///{self.root / 'db.sqlite'}", "--artifacts-destination", str(self.root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+
+    def env(self) -> dict | None:
+        return None  # this process's environment
+
+    def start(self, timeout: float = 90) -> "MlflowServer":
+        """Start it and wait until /health answers (or the process exits), else stop it and raise."""
+        import subprocess
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=open(self.root / "server.log", "a"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
-        while time.time() < deadline:
+        while time.time() < deadline and self.proc.poll() is None:
             try:
                 if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
                     return self

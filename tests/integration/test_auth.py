@@ -34,32 +34,18 @@ class AuthMlflowServer(MlflowServer):
     infra/mlflow/auth-entrypoint.sh writes the auth config from the environment (users in a sqlite
     store of their own here), the admin's password comes from the environment only."""
 
-    def start(self, timeout: float = 300) -> "AuthMlflowServer":
-        import subprocess
-        import sys
-        import time
-        import urllib.request
+    def command(self) -> list[str]:
+        mlflow_bin, server, *rest = super().command()
+        return ["sh", str(ENTRYPOINT), mlflow_bin, server, "--app-name", "basic-auth", *rest]
 
-        env = {**{k: v for k, v in os.environ.items() if k not in CRED_VARS},
-               "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "basic_auth.ini"),
-               "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{self.root / 'auth.sqlite'}",
-               "MLFLOW_AUTH_CACHE_TTL_SECONDS": "60",  # one password hash check per user, not per request
-               "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"], "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers: a faster start
-        self.proc = subprocess.Popen(
-            ["sh", str(ENTRYPOINT), str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-             "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}", "--artifacts-destination",
-             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            env=env, stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.proc.poll() is None:
-            try:
-                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
-                    return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+    def env(self) -> dict:
+        return {**{k: v for k, v in os.environ.items() if k not in CRED_VARS},
+                "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "basic_auth.ini"),
+                "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{self.root / 'auth.sqlite'}",
+                "MLFLOW_AUTH_CACHE_TTL_SECONDS": "60",  # one password hash check per user, not per request
+                "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers: a faster start
 
 
 @contextmanager
@@ -97,7 +83,7 @@ def grant_pipeline_roles(uri: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = AuthMlflowServer(tmp_path_factory.mktemp("mlflow-auth")).start()
+    srv = AuthMlflowServer(tmp_path_factory.mktemp("mlflow-auth")).start(timeout=300)
     try:
         with as_user("admin"):
             grant_pipeline_roles(srv.uri)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from procs import MlflowServer, free_port
+from runkit import write_trained_run
 
 pytestmark = pytest.mark.integration
 
@@ -22,45 +23,10 @@ def mlflow_server(tmp_path_factory):
 
 
 def make_run_dir(tmp: Path, name: str, *, quantization: str, steps: int, uri: str, seed: int = 0):
-    """Train a real adapter for `steps` on the tiny base, evaluate it, write a contract run dir."""
-    from lora import apply_lora, build_lora_config, load_base_model, load_tokenizer
-    from pipelines.artifacts.rundir import write_run_dir
-    from pipelines.config.load import dump_config, load_config
-    from pipelines.data.builtin import materialize_tiny_llama
-    from pipelines.data.prepare import MicroBatches, eval_batches, prepare_data
-
-    base_dir = materialize_tiny_llama()
-    cfg = load_config("configs/tiny-cpu.yaml", [
-        f"model.path={base_dir}", f"model.quantization={quantization}", f"run.name={name}",
-        f"run.output_dir={tmp}", f"mlflow.tracking_uri={uri}", "data.path=builtin:demo-tasks", "data.max_examples=200",
-        "registry.name=regtest"])
-    from pipelines.data.builtin import resolve_builtins
-
-    cfg = resolve_builtins(cfg)
-    tok = load_tokenizer(cfg.model.path)
-    data = prepare_data(cfg.data, tok, cfg.seed)
-    torch.manual_seed(seed)
-    base = load_base_model(cfg.model.path, dtype="fp32", quantization=quantization)
-    model = apply_lora(base, build_lora_config(base, r=8, alpha=16, target_modules="all-linear"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batches = MicroBatches(data.train, 8, seed, tok.pad_token_id)
-    model.train()
-    for step in range(steps):
-        loss = model(**batches[step]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        evals = eval_batches(data.eval, 8, 4, len(data.eval), 1, tok.pad_token_id)
-        eval_loss = sum(model(**b).loss.item() for b in evals) / len(evals)
-    adapter = tmp / f"{name}-adapter-src"
-    model.save_pretrained(str(adapter))
-    metrics = {"train_loss": loss.item(), "eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(eval_loss))),
-               "tokens_per_s": 1.0, "train_steps": steps, "peak_memory_bytes": 1}
-    lineage = {"base_model": cfg.model.path, "base_model_sha256": "x", "dataset_fingerprint": data.fingerprint,
-               "lorapipe_version": "test", "seed": seed, "mlflow_run_id": None}
-    return write_run_dir(tmp / name, config_yaml=dump_config(cfg), adapter_src=adapter, metrics=metrics, lineage=lineage)
+    """A real adapter trained `steps` steps on the tiny base and evaluated, as a contract run dir."""
+    return write_trained_run(tmp, name, [f"model.quantization={quantization}", f"mlflow.tracking_uri={uri}",
+                                         "data.path=builtin:demo-tasks", "data.max_examples=200", "registry.name=regtest"],
+                             steps=steps, seed=seed)
 
 
 def _logits(model, ids):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from runkit import write_trained_run
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,40 +30,12 @@ QUESTIONS = {"reverse": ("Reverse the word.", "a b c d"), "copy": ("Repeat the w
 
 
 def make_served_run(tmp: Path, name: str, task: str, *, base_dir: Path, uri: str, r: int, steps: int, seed: int):
-    """A few real LoRA steps on the tiny 4-bit base for `task`, written as a contract run directory."""
-    from lora import apply_lora, build_lora_config, load_base_model, load_tokenizer, model_content_hash
-    from pipelines.artifacts.rundir import write_run_dir
-    from pipelines.config.load import dump_config, load_config
-    from pipelines.data.builtin import resolve_builtins
-    from pipelines.data.prepare import MicroBatches, prepare_data
-
-    cfg = resolve_builtins(load_config(ROOT / "configs/tiny-cpu.yaml", [
-        f"model.path={base_dir}", f"run.name={name}", f"run.output_dir={tmp}", f"mlflow.tracking_uri={uri}",
-        "data.path=builtin:demo-tasks", f"data.task={task}", "data.max_examples=200", f"lora.r={r}",
-        f"lora.alpha={2 * r}", f"registry.name=srv-{task}", f"seed={seed}"]))
-    tok = load_tokenizer(cfg.model.path)
-    data = prepare_data(cfg.data, tok, cfg.seed)
-    torch.manual_seed(seed)
-    base = load_base_model(cfg.model.path, dtype="fp32", quantization="nf4")
-    lora_config = build_lora_config(base, r=r, alpha=2 * r, target_modules="all-linear")
-    lora_config.init_lora_weights = False  # random B: the adapter changes answers from step 0
-    model = apply_lora(base, lora_config)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batches = MicroBatches(data.train, 16, seed, tok.pad_token_id)
-    model.train()
-    for step in range(steps):
-        loss = model(**batches[step]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(str(tmp / f"{name}-src"))
-    loss = loss.detach()
-    metrics = {"train_loss": loss.item(), "eval_loss": loss.item(), "eval_perplexity": float(torch.exp(loss)),
-               "tokens_per_s": 1.0, "train_steps": steps, "peak_memory_bytes": 1}
-    lineage = {"base_model": cfg.model.path, "base_model_sha256": model_content_hash(cfg.model.path),
-               "dataset_fingerprint": data.fingerprint, "lorapipe_version": "test", "seed": seed}
-    return write_run_dir(tmp / name, config_yaml=dump_config(cfg), adapter_src=tmp / f"{name}-src",
-                         metrics=metrics, lineage=lineage)
+    """A few real LoRA steps on the tiny 4-bit base for `task` from random LoRA weights, as a
+    contract run directory."""
+    return write_trained_run(tmp, name, [f"model.path={base_dir}", f"mlflow.tracking_uri={uri}",
+                                         "data.path=builtin:demo-tasks", f"data.task={task}", "data.max_examples=200",
+                                         f"lora.r={r}", f"lora.alpha={2 * r}", f"registry.name=srv-{task}", f"seed={seed}"],
+                             steps=steps, lr=1e-3, batch=16, seed=seed, random_lora=True)
 
 
 def local_answer(ref: str, uri: str, task: str, max_tokens: int = 6) -> str:
