@@ -25,19 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import proc_status_bytes  # noqa: E402
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128256, tie_word_embeddings=False)
 MMAP_THRESHOLD = str(1 << 20)  # blocks of 1 MiB and more come from (and go back to) the OS
-
-
-def status_bytes(*keys: str) -> dict:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in keys:
-            out[key] = int(rest.split()[0]) * 1024
-    return out
 
 
 def build(tokens: int, vocab: int):
@@ -80,9 +72,9 @@ def measure(mode: str, tokens: int, chunk: int, vocab: int) -> dict:
 
     first = step()  # optimizer states and autograd's one-time buffers exist from here on
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = status_bytes("VmRSS")["VmRSS"]
+    before = proc_status_bytes("VmRSS")["VmRSS"]
     second = step()
-    peak = status_bytes("VmHWM")["VmHWM"]
+    peak = proc_status_bytes("VmHWM")["VmHWM"]
     return {"mode": mode, "rss_before_step": before, "step_peak_bytes": peak - before,
             "loss_first_step": first[0], "grad_norm_first_step": first[1], "loss_second_step": second[0]}
 
