@@ -21,7 +21,7 @@ def train_task_run(tmp: Path, name: str, *, task: str, steps: int, uri: str, reg
     if repeat:
         data_file = tmp / f"{name}-rows.jsonl"
         data_file.write_text((json.dumps(demo_rows(task, n=1, seed=0)[0]) + "\n") * repeat)
-        data = [f"data.path={data_file}"]
+        data = [f"data.path={data_file}", "data.task=null", "data.max_examples=null"]
     return write_trained_run(tmp, name, [f"model.quantization={quantization}", f"mlflow.tracking_uri={uri}",
                                          f"registry.name={registry}", "scaling.num_workers=1", *data],
                              steps=steps, lr=lr, batch=batch, seed=seed)
