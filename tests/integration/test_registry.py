@@ -34,7 +34,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
+def test_register_load_back_promote(mlflow_server, tmp_path, capsys, monkeypatch):
     import mlflow
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -57,9 +57,11 @@ def test_register_load_back_promote(mlflow_server, tmp_path, capsys):
     assert len(client.search_model_versions("name='regtest-merged'")) == 1
 
     # Load back with stock MLflow + transformers/PEFT; logits equal the run directory's model.
-    # With an explicit tracking URI: mlflow.set_tracking_uri would change every later test's default.
-    merged_dir = mlflow.artifacts.download_artifacts(f"models:/regtest-merged/{reg.merged_version}", tracking_uri=uri)
-    adapter_dir = mlflow.artifacts.download_artifacts(f"models:/regtest-adapter/{reg.adapter_version}", tracking_uri=uri)
+    # Through the environment, undone after the test (mlflow.set_tracking_uri would stay set for
+    # every later module's default client).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    merged_dir = mlflow.artifacts.download_artifacts(f"models:/regtest-merged/{reg.merged_version}")
+    adapter_dir = mlflow.artifacts.download_artifacts(f"models:/regtest-adapter/{reg.adapter_version}")
     cfg = strong.config()
     ids = torch.arange(4, 30).unsqueeze(0)
     trained = PeftModel.from_pretrained(load_base_model(cfg.model.path, dtype="fp32", quantization="nf4"), str(strong.adapter))
