@@ -116,6 +116,25 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from pipelines.ablate.grid import check_kind, trial_configs
+    from pipelines.ablate.run import ablate
+    from pipelines.config.load import load_config
+    from pipelines.plan.verdict import fit_verdict
+
+    kind = check_kind(args.kind)
+    # --values takes every word after it; the dotted KEY=VALUE ones are overrides.
+    values = [v for v in args.values or [] if "=" not in v] or None
+    cfg = load_config(args.config, args.overrides + [v for v in args.values or [] if "=" in v])
+    print(fit_verdict(cfg, force=args.force, configs=list(trial_configs(cfg, kind, values).values())))
+    result = ablate(cfg, kind, values, args.out, progress=not args.no_progress)
+    print(result.table_md.read_text())
+    print(f"table: {result.table_md}\ncsv:   {result.table_csv}\nplot:  {result.plot}")
+    for row in result.failed:
+        print(f"error: {kind}={row['value']}: {row.get('error')}")
+    return 1 if result.failed else 0
+
+
 def cmd_pipeline(args) -> int:
     from pipelines.config.load import load_config
     from pipelines.pipeline import run_pipeline
@@ -319,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--resume", action="store_true", help="continue a search whose driver died")
     tn.add_argument("--no-progress", action="store_true")
     tn.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says a trial does not fit")
+    ab = sub.add_parser("ablate", help="one classic LoRA table: rank | targets | method | variant, as a Tune grid "
+                        "evaluated on the config's eval suite -> table.md, table.csv, plot.png")
+    ab.__class__ = IntermixedParser
+    ab.add_argument("kind", help="rank | targets | method | variant")
+    ab.add_argument("config", help="YAML config with an eval: section (see configs/tiny-cpu-ablate.yaml)")
+    ab.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.lr=1e-4")
+    ab.add_argument("--values", nargs="+", help="values to compare (default: rank 1 4 8 16 64 full; targets q qk qkv "
+                    "qkvo mlp all-linear; method lora qlora full; variant lora rslora dora loraplus)")
+    ab.add_argument("--out", help="output folder (default: <run.output_dir>/ablate-<config name>-<kind>)")
+    ab.add_argument("--no-progress", action="store_true")
+    ab.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says a trial does not fit")
+    ab.set_defaults(fn=cmd_ablate)
     pl = with_config("pipeline", "tune (if configured) -> train best -> register -> promote", cmd_pipeline)
     pl.add_argument("--no-progress", action="store_true")
     pl.add_argument("--force", action="store_true", help="start even if `lorapipe plan` says it does not fit")

@@ -182,18 +182,19 @@ def plan_for_config(cfg, gpus: Optional[int] = None, gpu: Optional[str] = None, 
                      interconnect_gbps=interconnect_gbps)
 
 
-def fit_verdict(cfg, *, force: bool = False) -> str:
+def fit_verdict(cfg, *, force: bool = False, configs: Optional[list] = None) -> str:
     """The one line `train`, `tune`, `pipeline` and `submit` print before starting anything.
     With a tune section, every searched value is planned too (one key at a time on the base
     config) and the largest is the verdict: a search must not fail on its biggest trial. Raises
     UserError when a plan does not fit and `force` is false; a model whose shape is unknown is
-    not planned (and not refused)."""
+    not planned (and not refused). `configs`: plan these instead (an ablation's trials)."""
     try:
-        plans = [plan_for_config(c) for c in configs_to_plan(cfg)]
+        plans = [plan_for_config(c) for c in (configs or configs_to_plan(cfg))]
     except UserError as e:
         return f"plan: skipped ({e})"
     plan = max(plans, key=lambda p: p.memory.total / p.budget)
-    line = verdict_line(plan) + (f" (largest of {len(plans)} searched settings)" if len(plans) > 1 else "")
+    what = "trial" if configs else "searched"
+    line = verdict_line(plan) + (f" (largest of {len(plans)} {what} settings)" if len(plans) > 1 else "")
     if not plan.fits and not force:
         raise UserError(f"{line}: refusing to start; see `lorapipe plan` for what would fit, or pass --force")
     return line

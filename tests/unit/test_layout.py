@@ -7,8 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Lowest first. A module may import from its own stage or any stage before it, never after.
-STAGES = ["core", "config", "data", "tracking", "artifacts", "plan", "train", "eval", "tune", "registry", "serve",
-          "cluster", "<top>"]
+STAGES = ["core", "config", "data", "tracking", "artifacts", "plan", "train", "eval", "tune", "ablate", "registry",
+          "serve", "cluster", "<top>"]
 
 
 def module_name(path: Path) -> str:
