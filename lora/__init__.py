@@ -13,6 +13,7 @@ _EXPORTS = {
     "apply_lora": "lora.adapter", "build_lora_config": "lora.adapter", "expected_trainable_params": "lora.adapter",
     "linear_module_names": "lora.adapter", "load_adapter": "lora.adapter", "save_adapter": "lora.adapter",
     "verify_adapter_files": "lora.adapter",
+    "preset_table": "lora.targets", "resolve_target_modules": "lora.targets",
     "dequantize_linear4bit_": "lora.merge", "merge_adapter": "lora.merge",
 }
 __all__ = ["LoraInputError", *_EXPORTS]

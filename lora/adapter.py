@@ -4,11 +4,19 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 from torch import nn
 
 from lora.errors import LoraInputError
+from lora.targets import (
+    TargetModules,
+    linear_in_out,
+    linear_leaf_names,
+    model_linears,
+    resolve_target_modules,
+    targeted_linears,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -18,38 +26,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-def _is_linear(module: nn.Module) -> bool:
-    # nn.Linear and bitsandbytes' Linear4bit (a subclass of nn.Linear) both qualify.
-    return isinstance(module, nn.Linear)
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the model's linear layers, except the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m) and m is not head}
-    return sorted(names)
+    return linear_leaf_names(model_linears(model))
 
 
-def targeted_linears(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[tuple[str, nn.Linear]]:
-    """The (name, module) pairs LoRA will wrap, matched the way PEFT matches names."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = []
-    for name, m in model.named_modules():
-        if not _is_linear(m) or m is head:
-            continue
-        if target_modules == "all-linear" or any(name == t or name.endswith("." + t) for t in target_modules):
-            found.append((name, m))
-    return found
-
-
-def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
-    """The names, or an error listing the model's linear layers when one is not among them."""
-    available = linear_module_names(model)
-    missing = [t for t in target_modules if t not in available]
-    if missing:
-        raise LoraInputError(
-            f"lora.target_modules {missing} not in the model; its linear layers are: {', '.join(available)}")
-    return list(target_modules)
+def check_target_modules(model: nn.Module, target_modules: TargetModules) -> Union[str, list[str]]:
+    """The names PEFT gets for a preset or list, or a one-line error (an inexpressible preset, or a
+    name that is not among the model's linear layers, listing those)."""
+    return resolve_target_modules(model, target_modules)
 
 
 def build_lora_config(
@@ -58,21 +43,25 @@ def build_lora_config(
     r: int,
     alpha: float,
     dropout: float = 0.0,
-    target_modules: Union[str, Sequence[str]] = "all-linear",
+    target_modules: TargetModules = "all-linear",
     use_rslora: bool = False,
     use_dora: bool = False,
     bias: str = "none",
 ):
-    """A PEFT LoraConfig for a causal LM; names absent from the model are an error listing what exists."""
+    """A PEFT LoraConfig for a causal LM; presets resolve to this model's module names, and names
+    absent from the model are an error listing what exists."""
     from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
 
-    if target_modules != "all-linear":
-        target_modules = check_target_modules(model, target_modules)
+    target_modules = resolve_target_modules(model, target_modules)
+    # GPT-2's Conv1D stores weights as (in, out); PEFT would flip this itself, with a warning.
+    conv1d = any(isinstance(m, Conv1D) for _, m in targeted_linears(model, target_modules))
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
+        fan_in_fan_out=conv1d,
         use_rslora=use_rslora,
         use_dora=use_dora,
         bias=bias,
@@ -80,17 +69,32 @@ def build_lora_config(
     )
 
 
+def linear_shapes(model: nn.Module, target_modules: TargetModules) -> dict[str, tuple[int, int]]:
+    """{wrapped layer name: (out, in)} for every layer the targets select (Linear or Conv1D)."""
+    shapes = {}
+    for name, m in targeted_linears(model, target_modules):
+        in_f, out_f = linear_in_out(m)
+        shapes[name] = (out_f, in_f)
+    return shapes
+
+
+def config_targets(lora_config) -> TargetModules:
+    """A LoraConfig's target_modules as targeted_linears takes them (PEFT keeps a list as a set)."""
+    tm = lora_config.target_modules
+    return tm if isinstance(tm, str) else sorted(tm)
+
+
 def expected_trainable_params(model: nn.Module, lora_config) -> int:
     """r*(in+out) per wrapped linear, + out per layer for DoRA's magnitude, + trainable biases.
 
     Computed from the base model's shapes alone (call it before applying the adapter).
     """
-    tm = lora_config.target_modules
-    targets = targeted_linears(model, "all-linear" if tm == "all-linear" else sorted(tm))
+    targets = targeted_linears(model, config_targets(lora_config))
     r = lora_config.r
-    total = sum(r * (m.in_features + m.out_features) for _, m in targets)
+    in_out = [linear_in_out(m) for _, m in targets]
+    total = sum(r * (i + o) for i, o in in_out)
     if lora_config.use_dora:
-        total += sum(m.out_features for _, m in targets)
+        total += sum(o for _, o in in_out)
     if lora_config.bias == "all":
         total += sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") or n == "bias")
     elif lora_config.bias == "lora_only":

@@ -6,7 +6,7 @@ models load or data is read. Derived quantities are methods (`global_batch_size`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,6 +15,9 @@ from pipelines.config.tune_space import TuneSection
 from pipelines.core.defaults import default_tracking_uri
 
 DType = Literal["fp32", "bf16", "fp16"]
+# lora.target_modules presets; what each means on a model is lora.targets' business (PRESETS there).
+TargetPreset = Literal["q", "qk", "qkv", "qkvo", "mlp", "all-linear"]
+TARGET_PRESETS = get_args(TargetPreset)
 
 
 class Section(BaseModel):
@@ -78,11 +81,23 @@ class LoraSection(Section):
     r: int = Field(16, gt=0, le=1024, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha/r, or alpha/sqrt(r) with rsLoRA)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="'all-linear' or module-name suffixes such as [q_proj, v_proj]")
+    target_modules: Union[TargetPreset, list[str]] = Field(
+        "all-linear", description="a preset (q, qk, qkv, qkvo, mlp, all-linear: the same roles on any decoder, "
+        "e.g. qkv = q_proj/k_proj/v_proj on Llama, c_attn on GPT-2) or module-name suffixes such as [q_proj, v_proj]")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train")
+    plus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: the B matrices (and trainable 1-D params) learn at train.lr times this "
+        "(the paper suggests 16); None = one learning rate")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _known_preset(cls, v):
+        if isinstance(v, str) and v not in TARGET_PRESETS:
+            raise ValueError(f"{v!r} is not a preset; presets: {', '.join(TARGET_PRESETS)} "
+                             "(or a list of module names such as [q_proj, v_proj])")
+        return v
 
     @field_validator("target_modules")
     @classmethod

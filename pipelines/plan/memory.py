@@ -16,9 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Union
 
+from lora.targets import PRESET_ROLES
+
 GiB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The Llama-style linears behind each role a lora.target_modules preset names.
+ROLE_LINEARS = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",),
+                "mlp": ("gate_proj", "up_proj", "down_proj")}
 # Which linears read the same input tensor (a LoRA on any of them keeps that input alive).
 INPUT_GROUPS = {"norm1": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj",),
                 "norm2": ("gate_proj", "up_proj"), "act": ("down_proj",)}
@@ -159,6 +164,9 @@ class PlanInputs:
             return LINEARS
         if self.lora_targets == "all-linear":
             return LINEARS
+        if isinstance(self.lora_targets, str):  # a preset: its roles on a Llama-style decoder
+            named = {n for role in PRESET_ROLES[self.lora_targets] for n in ROLE_LINEARS[role]}
+            return tuple(n for n in LINEARS if n in named)
         return tuple(n for n in LINEARS if any(n == t or t.endswith("." + n) for t in self.lora_targets))
 
     def adapter_params(self) -> int:

@@ -120,7 +120,7 @@ def plan_inputs(cfg, arch: Arch, num_gpus: int, cpu: bool) -> PlanInputs:
     """Our workers run DeepSpeed with bf16/fp16 enabled for 16-bit models: precision "mixed".
     activation_checkpointing=auto is planned as `all` here; `plan_for_config` resolves it."""
     m, t, ds, lora = cfg.model, cfg.train, cfg.deepspeed, cfg.lora
-    targets = lora.target_modules if lora.target_modules == "all-linear" else tuple(lora.target_modules)
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     ckpt = checkpointing_fields("all" if m.activation_checkpointing == "auto" else m.activation_checkpointing,
                                 m.checkpoint_every_k)
     return PlanInputs(

@@ -33,7 +33,9 @@ def resolved_paths(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def check_target_modules(cfg: PipelineConfig) -> None:
-    """Build the model skeleton on the meta device (no weights) and check lora.target_modules."""
+    """Build the model skeleton on the meta device (no weights) and check lora.target_modules: a
+    name absent from the model, or a preset the architecture cannot express (q on GPT-2's fused
+    c_attn), fails here, before Ray starts."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -48,7 +48,7 @@ def device_memory_bytes(device: torch.device):
 def build_model(cfg: PipelineConfig, device: torch.device):
     """Frozen base (4-bit when configured) + LoRA; returns (peft model, {layer: (out, in)})."""
     from lora import apply_lora, build_lora_config, load_base_model
-    from lora.adapter import targeted_linears
+    from lora.adapter import config_targets, linear_shapes
     from pipelines.plan.auto import resolve_activation_checkpointing
 
     m = cfg.model
@@ -58,11 +58,20 @@ def build_model(cfg: PipelineConfig, device: torch.device):
     lcfg = build_lora_config(base, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                              target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
                              use_dora=cfg.lora.use_dora, bias=cfg.lora.bias)
-    shapes = {name: (mod.out_features, mod.in_features)
-              for name, mod in targeted_linears(base, "all-linear" if lcfg.target_modules == "all-linear"
-                                                else sorted(lcfg.target_modules))}
+    shapes = linear_shapes(base, config_targets(lcfg))  # the resolved names, as PEFT wraps them
     ckpt, every = resolve_activation_checkpointing(cfg, device_memory_bytes(device))
     return apply_lora(base, lcfg, gradient_checkpointing=ckpt != "none", checkpoint_every=every), shapes
+
+
+def trainable_params(cfg: PipelineConfig, model) -> list:
+    """What the optimizer gets: the adapter's parameters, or with LoRA+ its param groups (B at
+    lr * lora.plus_lr_ratio). Either optimizer path takes them: the client AdamW, or the one
+    DeepSpeed builds from its config when states are offloaded (per-group lr overrides its lr)."""
+    from lora.plus import lora_plus_param_groups
+
+    if cfg.lora.plus_lr_ratio is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    return lora_plus_param_groups(model, cfg.train.lr, cfg.lora.plus_lr_ratio, cfg.train.weight_decay)
 
 
 def build_engine(cfg: PipelineConfig, model):
@@ -72,20 +81,33 @@ def build_engine(cfg: PipelineConfig, model):
     from pipelines.train.deepspeed_config import build_deepspeed_config
 
     ds_config = build_deepspeed_config(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_params(cfg, model)
     optimizer = None
     if "optimizer" not in ds_config:
         # Fused AdamW (one kernel for every adapter tensor) where the parameters are on a GPU.
+        first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
-                                      fused=params[0].is_cuda)
+                                      fused=first.is_cuda)
 
-    def scheduler(opt):  # DeepSpeed steps it at each optimizer step
+    def scheduler(opt):  # DeepSpeed steps it at each optimizer step; each group's lr is scaled alike
         return get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
                              num_training_steps=cfg.train.max_steps)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def learning_rates(engine) -> dict:
+    """{"lr": the base (A) group's rate} and, with LoRA+, {"lr_B": the B matrices' rate}."""
+    from lora.plus import GROUP_A, GROUP_B
+
+    groups = engine.optimizer.param_groups
+    by_name = {g.get("name"): g["lr"] for g in groups}
+    rates = {"lr": by_name.get(GROUP_A, groups[0]["lr"])}
+    if GROUP_B in by_name:
+        rates["lr_B"] = by_name[GROUP_B]
+    return rates
 
 
 def all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
@@ -248,7 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.tokens += int(tokens)
         state.slots += int(slots)
         state.train_seconds += seconds / world
-        metrics = {"step": state.step, "train_loss": loss_sum / max(micro, 1), "lr": engine.get_lr()[0],
+        metrics = {"step": state.step, "train_loss": loss_sum / max(micro, 1), **learning_rates(engine),
                    "tokens_per_s": tokens / max(seconds / world, 1e-9), "tokens": state.tokens,
                    "peak_memory_bytes": int(all_reduce([peak_memory_bytes(device)], device, dist.ReduceOp.MAX)[0]),
                    "non_pad_share": tokens / max(slots, 1.0), "epoch": state.epoch, "restarts": state.restarts}

@@ -1,5 +1,5 @@
 """Integration fixtures: a real local Ray per module (multi-node tests start their own cluster),
-a per-test sqlite MLflow store."""
+a per-test sqlite MLflow store, one in-process DeepSpeed process group per session."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,25 @@ def ray_local():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deepspeed_world1():
+    """One process group (gloo, world size 1) for DeepSpeed engines built in the test process,
+    created once per session: DeepSpeed caches its groups, so an init after a destroy leaves it
+    holding dead ones. Yields the env an engine build reads (LOCAL_RANK, ...): set it meanwhile."""
+    import deepspeed
+    import torch
+    from procs import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield env
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture

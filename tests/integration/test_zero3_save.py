@@ -12,13 +12,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def zero3_engine(tmp_path_factory):
+def zero3_engine(tmp_path_factory, deepspeed_world1):
     """A fresh ZeRO-3 engine (no forward yet: every LoRA matrix is partitioned), its run config and
-    layer shapes. One per module: DeepSpeed keeps its process groups after the first init, so the
-    process group is created once and destroyed at the end."""
-    import deepspeed
-    from procs import free_port
-
+    layer shapes, in the session's single-process group."""
     from pipelines.config.load import load_config
     from pipelines.data.builtin import resolve_builtins
     from pipelines.train.worker import build_engine, build_model
@@ -26,17 +22,12 @@ def zero3_engine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAPIPE_HOME", str(tmp / "home"))
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        for key, value in deepspeed_world1.items():
             mp.setenv(key, value)
         cfg = resolve_builtins(load_config("configs/tiny-cpu.yaml", [
             "deepspeed.stage=3", "model.quant_storage=fp32", f"run.output_dir={tmp / 'runs'}"]))
-        deepspeed.init_distributed(dist_backend="gloo")
-        try:
-            model, shapes = build_model(cfg, torch.device("cpu"))
-            yield build_engine(cfg, model), cfg, shapes
-        finally:
-            torch.distributed.destroy_process_group()
+        model, shapes = build_model(cfg, torch.device("cpu"))
+        yield build_engine(cfg, model), cfg, shapes
 
 
 def _lora_params(engine) -> dict:
