@@ -296,7 +296,8 @@ class PipelineConfig(Section):
     method: Method = Field(
         "qlora", description="lora: a 16/32-bit frozen base + adapter; qlora: a 4-bit frozen base + adapter; full: "
         "every weight trains (the lora: section is ignored) and the run directory holds model/, not adapter/. "
-        "Default: inferred from model.quantization (nf4/fp4 -> qlora, none -> lora)")
+        "Default: inferred from model.quantization (nf4/fp4 -> qlora, none -> lora); given without "
+        "model.quantization, it sets that (lora/full: none)")
     model: ModelSection
     lora: LoraSection = Field(LoraSection(), description="the adapter (method lora/qlora; ignored by method=full)")
     data: DataSection
@@ -312,10 +313,15 @@ class PipelineConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _infer_method(cls, data):
-        """No `method:` means what configs meant before it existed: the quantization decides."""
-        if not isinstance(data, dict) or data.get("method") is not None:
+        """No `method:` means what configs meant before it existed: the quantization decides. A
+        method without model.quantization sets it (lora, full: none; qlora: the default nf4)."""
+        if not isinstance(data, dict):
             return data
         model = data.get("model")
+        if data.get("method") is not None:
+            if isinstance(model, dict) and "quantization" not in model and data["method"] in ("lora", "full"):
+                data = {**data, "model": {**model, "quantization": "none"}}
+            return data
         quantization = getattr(model, "quantization", None) if not isinstance(model, dict) else \
             model.get("quantization", ModelSection.model_fields["quantization"].default)
         return {**data, "method": "qlora" if quantization in FOUR_BIT else "lora"}

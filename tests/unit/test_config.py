@@ -351,6 +351,15 @@ def test_method_defaults_to_qlora_with_the_default_quantization():
     assert validate_config(data).method == "qlora"
 
 
+@pytest.mark.parametrize("method, quantization", [("full", "none"), ("lora", "none"), ("qlora", "nf4")])
+def test_a_method_alone_sets_the_quantization_it_needs(method, quantization):
+    data = minimal(method=method)
+    del data["model"]["quantization"]
+    cfg = validate_config(data)
+    assert (cfg.method, cfg.model.quantization) == (method, quantization)
+    assert "quantization" not in data["model"]  # the input is not changed
+
+
 def test_every_preset_keeps_its_meaning():
     assert load_config(TINY).method == "qlora" and not load_config(TINY).is_full
 
