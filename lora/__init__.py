@@ -1,4 +1,5 @@
-"""Model-side library: load a base (16/32-bit or 4-bit NF4), build and apply LoRA, count, merge, save.
+"""Model-side library: load a base (16/32-bit or 4-bit NF4), build and apply LoRA (or unfreeze it all for
+full fine-tuning), count, merge, save.
 
 Imports no ray, mlflow or deepspeed; bitsandbytes is imported lazily, only when 4-bit is asked for.
 Submodules load on first use, so `import lora` (and the CLI's config checks) stay fast.
@@ -15,6 +16,7 @@ _EXPORTS = {
     "verify_adapter_files": "lora.adapter",
     "preset_table": "lora.targets", "resolve_target_modules": "lora.targets",
     "dequantize_linear4bit_": "lora.merge", "merge_adapter": "lora.merge",
+    "make_fully_trainable": "lora.full", "state_dict_shapes": "lora.full", "verify_model_files": "lora.full",
 }
 __all__ = ["LoraInputError", *_EXPORTS]
 

@@ -166,8 +166,7 @@ def cmd_register(args) -> int:
     reg = register_run(args.run_dir, name=args.name, tracking_uri=args.tracking_uri,
                        suite=load_suite(args.suite) if args.suite else None, merged_dir=args.merged)
     verb = "registered" if reg.created else "already registered (nothing new)"
-    print(f"{verb}: {reg.name}-adapter v{reg.adapter_version}, {reg.name}-merged v{reg.merged_version} "
-          f"(MLflow run {reg.run_id})")
+    print(f"{verb}: {', '.join(f'{name} v{v}' for name, v in reg.versions().items())} (MLflow run {reg.run_id})")
     return 0
 
 
@@ -305,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--onto", default="trained", help="trained (default: the base as training saw it) or original")
     mg.set_defaults(fn=cmd_merge)
 
-    rg = sub.add_parser("register", help="log adapter + merged model to MLflow, register two versions")
+    rg = sub.add_parser("register", help="log adapter + merged model to MLflow, register two versions "
+                        "(a full fine-tuning run: its model, one version)")
     rg.add_argument("run_dir")
     rg.add_argument("--name", help="registered model base name (default: registry.name or the run name)")
     rg.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db")

@@ -21,20 +21,20 @@ class PipelineOutcome:
 def register_and_promote(run, tracking_uri: Optional[str] = None) -> PipelineOutcome:
     """Register the run (adapter and merged versions), move `candidate` on both, then `champion` on
     both through the gate: the merged model for stock transformers, the adapter for `lorapipe serve`
-    (many adapters on one base)."""
+    (many adapters on one base). A full fine-tuning run has one version (NAME-full) to move."""
     from pipelines.registry.promote import promote
     from pipelines.registry.register import register_run
 
     uri = tracking_uri or run.config().tracking_uri()
     reg = register_run(run.path, tracking_uri=uri)
-    versions = {f"{reg.name}-adapter": reg.adapter_version, f"{reg.name}-merged": reg.merged_version}
+    versions = reg.versions()
     lines = ["registered " + " and ".join(f"{name} v{v}" for name, v in versions.items())]
     for name, version in versions.items():
         lines.append(promote(name, version, "candidate", tracking_uri=uri, gated=False).message)
     champions = {name: promote(name, version, "champion", tracking_uri=uri) for name, version in versions.items()}
     lines += [c.message for c in champions.values()]
-    merged = f"{reg.name}-merged"
-    return PipelineOutcome(str(run.path), merged, reg.merged_version, champions[merged].promoted, lines)
+    whole = f"{reg.name}-full" if reg.full_version is not None else f"{reg.name}-merged"  # the stand-alone model
+    return PipelineOutcome(str(run.path), whole, versions[whole], champions[whole].promoted, lines)
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> PipelineOutcome:

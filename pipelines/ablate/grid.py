@@ -33,7 +33,10 @@ def method_overrides(method: str, cfg: PipelineConfig) -> dict[str, Any]:
     """The keys that switch the training method: QLoRA keeps the config's 4-bit format (nf4 when
     the config trains a 16/32-bit base); LoRA and full fine-tuning load the base unquantized."""
     quant = cfg.model.quantization if cfg.model.is_quantized else "nf4"
-    return {"method": method, "model.quantization": quant if method == "qlora" else "none"}
+    keys = {"method": method, "model.quantization": quant if method == "qlora" else "none"}
+    if method == "full":
+        keys["lora.plus_lr_ratio"] = None  # the lora: section does not apply to full fine-tuning
+    return keys
 
 
 def rank_overrides(value: str, cfg: PipelineConfig) -> dict[str, Any]:

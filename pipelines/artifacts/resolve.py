@@ -17,6 +17,8 @@ from pipelines.artifacts.rundir import RunDir
 from pipelines.core.errors import UserError
 from pipelines.core.files import write_dir_atomic
 
+STANDALONE_KINDS = ("merged", "full")
+REGISTERED_KINDS = ("adapter", "merged", "full")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
@@ -24,10 +26,11 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<
 class ResolvedModel:
     """A model as later stages load it. kind "adapter": `base_path` (loaded as training saw it:
     4-bit when trained 4-bit) + `adapter_path`; kind "merged": the stand-alone `model_path`;
+    kind "full": a fully fine-tuned model, stand-alone at `model_path` like a merged one;
     kind "base": the base alone, loaded as that run loaded it (the "before" row)."""
 
     ref: str                         # as the user gave it
-    kind: str                        # "adapter" | "merged" | "base"
+    kind: str                        # "adapter" | "merged" | "full" | "base"
     config: object                   # the training run's PipelineConfig (model loading settings)
     base_path: str                   # the base model the adapter was trained on
     base_sha256: Optional[str]       # its content hash at training time (None for a hub id)
@@ -39,6 +42,11 @@ class ResolvedModel:
     version: Optional[str] = None
     aliases: tuple[str, ...] = ()
     tags: dict = field(default_factory=dict)
+
+    @property
+    def standalone(self) -> bool:
+        """A whole model at `model_path` (merged or fully fine-tuned): loads alone, takes no adapter."""
+        return self.kind in STANDALONE_KINDS
 
     @property
     def label(self) -> str:
@@ -68,10 +76,17 @@ def resolve(ref: str, tracking_uri: Optional[str] = None) -> ResolvedModel:
 def resolve_run_dir(path: Path) -> ResolvedModel:
     run = RunDir.open(path)
     cfg, lineage = run.config(), run.lineage()
-    return ResolvedModel(ref=str(path), kind="adapter", config=cfg, base_path=cfg.model.path,
+    full = run.kind == "full"
+    return ResolvedModel(ref=str(path), kind=run.kind, config=cfg, base_path=cfg.model.path,
                          base_sha256=lineage.get("base_model_sha256"),
-                         digest=run.digest_of("adapter/adapter_model.safetensors"),
-                         adapter_path=run.adapter, run_dir=run.path)
+                         digest=run_digest(run.digest_of(run.weights_file), run.kind),
+                         adapter_path=None if full else run.adapter, model_path=run.model if full else None,
+                         run_dir=run.path)
+
+
+def run_digest(weights_sha256: str, kind: str) -> str:
+    """An adapter is named by its file's SHA-256 (as before full runs existed); a full model apart."""
+    return weights_sha256 if kind == "adapter" else f"full:{weights_sha256}"
 
 
 def base_of(model: ResolvedModel, ref: str) -> ResolvedModel:
@@ -116,7 +131,7 @@ def resolve_registered(ref: str, tracking_uri: Optional[str] = None) -> Resolved
     c = client(uri)
     mv = registered_version(c, ref)
     kind = mv.tags.get("lorapipe.kind")
-    if kind not in ("adapter", "merged"):
+    if kind not in REGISTERED_KINDS:
         raise UserError(f"{ref}: version {mv.version} of {mv.name} was not registered by lorapipe (no lorapipe.kind tag)")
     local = download_version(c, mv, uri)
     config = config_from_yaml_text((local / "run" / "config.yaml").read_text())
@@ -125,12 +140,15 @@ def resolve_registered(ref: str, tracking_uri: Optional[str] = None) -> Resolved
     return ResolvedModel(
         ref=ref, kind=kind, config=config, base_path=mv.tags.get("lorapipe.base_model", config.model.path),
         base_sha256=mv.tags.get("lorapipe.base_model_sha256"), digest=version_digest(mv, kind),
-        adapter_path=weights if kind == "adapter" else None, model_path=weights if kind == "merged" else None,
+        adapter_path=weights if kind == "adapter" else None, model_path=weights if kind in STANDALONE_KINDS else None,
         name=mv.name, version=str(mv.version), aliases=aliases, tags=dict(mv.tags))
 
 
 def version_digest(mv, kind: str) -> str:
-    """The adapter's SHA-256 names both versions a run registers; the merged one is marked apart."""
+    """The adapter's SHA-256 names both versions a run registers; the merged one is marked apart.
+    A full fine-tuning version is named by its model file's SHA-256 (as its run directory is)."""
+    if kind == "full":
+        return run_digest(mv.tags.get("lorapipe.model_sha256") or f"{mv.name}-{mv.version}", "full")
     adapter = mv.tags.get("lorapipe.adapter_sha256") or f"{mv.name}-{mv.version}"
     return adapter if kind == "adapter" else f"merged:{adapter}"
 
@@ -140,7 +158,7 @@ def cache_root() -> Path:
 
 
 def download_version(c, mv, tracking_uri: str) -> Path:
-    """<cache>/<digest>/{adapter|merged, run/}: the version's weights and its run's config, complete
+    """<cache>/<digest>/{adapter|merged|full, run/}: the version's weights and its run's config, complete
     or absent (downloaded into a temp folder, renamed into place)."""
     kind = mv.tags.get("lorapipe.kind")
     target = cache_root() / re.sub(r"[^A-Za-z0-9._-]", "_", version_digest(mv, kind))
@@ -157,7 +175,8 @@ def download_version(c, mv, tracking_uri: str) -> Path:
 
 def load_for_inference(model: ResolvedModel, device: str = "cpu"):
     """(model, tokenizer) exactly as the reference means it: the base as training loaded it
-    (4-bit NF4 when trained as QLoRA) with the adapter on top, or the merged model alone."""
+    (4-bit NF4 when trained as QLoRA) with the adapter on top, or the merged / fully fine-tuned
+    model alone."""
     from lora import load_adapter
 
     loaded, tokenizer = load_base_for_inference(model, device)
@@ -169,14 +188,15 @@ def load_for_inference(model: ResolvedModel, device: str = "cpu"):
 
 def load_base_for_inference(model: ResolvedModel, device: str = "cpu"):
     """(model, tokenizer) without the adapter: the base as training loaded it for kind "adapter"
-    (where a server puts several adapters on it), the merged model itself for kind "merged"."""
+    (where a server puts several adapters on it), the model itself for kinds "merged" and "full",
+    the base as its run loaded it for kind "base"."""
     from lora import load_base_model, load_tokenizer
 
     m = model.config.model
-    if model.kind == "merged":
+    if model.standalone:
         path = str(model.model_path)
-        loaded = load_base_model(path, dtype=m.dtype, device=device)
-        return loaded.eval(), load_tokenizer(path)
+        loaded = load_base_model(path, dtype=m.dtype, device=device, trust_remote_code=m.trust_remote_code)
+        return loaded.eval(), load_tokenizer(path, m.trust_remote_code)
     tokenizer = load_tokenizer(model.base_path, m.trust_remote_code, m.revision)
     base = load_base_model(model.base_path, dtype=m.dtype, quantization=m.quantization,
                            double_quant=m.double_quant, quant_storage=m.quant_storage, device=device,

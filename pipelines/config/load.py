@@ -111,6 +111,8 @@ def apply_trial_values(cfg: PipelineConfig, values: dict[str, Any], source: str 
     plus lora.alpha_ratio (alpha = ratio * the rank after the other values)."""
     data = cfg.model_dump(mode="json")
     data["tune"] = None
+    if "model.quantization" in values and "method" not in values:
+        del data["method"]  # inferred again from the searched quantization (qlora <-> lora)
     ratio = values.get(ALPHA_RATIO)
     for key, value in values.items():
         if key == ALPHA_RATIO:

@@ -299,13 +299,22 @@ class RegistrySection(Section):
                                          "registered model may move (champion always is); recorded on the model")
 
 
+Method = Literal["lora", "qlora", "full"]
+FOUR_BIT = ("nf4", "fp4")
+
+
 class PipelineConfig(Section):
     """A complete run: every top-level preset in configs/ validates against this alone."""
 
     name: str = Field("run", description="config name, used for run and registry names")
     seed: int = Field(0, ge=0, description="seeds data split, init and dropout")
+    method: Method = Field(
+        "qlora", description="lora: a 16/32-bit frozen base + adapter; qlora: a 4-bit frozen base + adapter; full: "
+        "every weight trains (the lora: section is ignored) and the run directory holds model/, not adapter/. "
+        "Default: inferred from model.quantization (nf4/fp4 -> qlora, none -> lora); given without "
+        "model.quantization, it sets that (lora/full: none)")
     model: ModelSection
-    lora: LoraSection = LoraSection()
+    lora: LoraSection = Field(LoraSection(), description="the adapter (method lora/qlora; ignored by method=full)")
     data: DataSection
     train: TrainSection = TrainSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -316,9 +325,26 @@ class PipelineConfig(Section):
     tune: Optional[TuneSection] = Field(None, description="search space and algorithm (lorapipe tune, pipeline)")
     eval: Optional[EvalSection] = Field(None, description="eval suite for eval, the registry gate and tune.rank_by")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_method(cls, data):
+        """No `method:` means what configs meant before it existed: the quantization decides. A
+        method without model.quantization sets it (lora, full: none; qlora: the default nf4)."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        if data.get("method") is not None:
+            if isinstance(model, dict) and "quantization" not in model and data["method"] in ("lora", "full"):
+                data = {**data, "model": {**model, "quantization": "none"}}
+            return data
+        quantization = getattr(model, "quantization", None) if not isinstance(model, dict) else \
+            model.get("quantization", ModelSection.model_fields["quantization"].default)
+        return {**data, "method": "qlora" if quantization in FOUR_BIT else "lora"}
+
     @model_validator(mode="after")
     def _cross_field_rules(self):
         m, ds = self.model, self.deepspeed
+        self._check_method()
         if m.is_quantized and ds.stage == 3 and m.quant_storage != m.dtype:
             raise ValueError(
                 f"deepspeed.stage=3 with a 4-bit base needs model.quant_storage equal to model.dtype "
@@ -343,6 +369,22 @@ class PipelineConfig(Section):
         self._check_rank_by()
         return self
 
+    def _check_method(self) -> None:
+        """method and model.quantization say the same thing (a user switches methods with both keys)."""
+        q = self.model.quantization
+        if self.method == "full" and q != "none":
+            raise ValueError(f"method=full trains every weight; a 4-bit base cannot be trained: set "
+                             f"model.quantization=none (got {q})")
+        if self.method == "qlora" and q == "none":
+            raise ValueError("method=qlora trains an adapter on a 4-bit base: set model.quantization=nf4 (or fp4), "
+                             "or method=lora for a 16/32-bit base")
+        if self.method == "lora" and q != "none":
+            raise ValueError(f"method=lora keeps the base in model.dtype, but model.quantization={q} loads it in "
+                             "4 bits: set model.quantization=none, or method=qlora")
+        if self.method == "full" and self.lora.plus_lr_ratio is not None:
+            raise ValueError("lora.plus_lr_ratio (LoRA+) sets the learning rate of an adapter's B matrices; "
+                             "method=full trains no adapter: remove it, or use method=lora/qlora")
+
     def _check_rank_by(self) -> None:
         """tune.rank_by=suite:<metric> needs an eval section; an inline suite must compute the metric."""
         rank_by = self.tune.rank_by if self.tune else None
@@ -355,6 +397,11 @@ class PipelineConfig(Section):
             raise ValueError(f"tune.rank_by={rank_by!r}: the eval suite computes {', '.join(self.eval.suite.metric_names())}")
 
     # -- derived quantities (one place each) ---------------------------------------------
+    @property
+    def is_full(self) -> bool:
+        """Every weight trains: the run writes a whole model, not an adapter."""
+        return self.method == "full"
+
     def global_batch_size(self) -> int:
         return self.train.micro_batch_size * self.train.grad_accum * self.scaling.num_workers
 

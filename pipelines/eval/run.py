@@ -92,7 +92,7 @@ def local_cache_file(digest: str, fingerprint: str) -> Path:
 
 
 def run_dir_file(model: ResolvedModel, fingerprint: str) -> Optional[Path]:
-    return model.run_dir / "eval" / f"{fingerprint}.json" if model.run_dir and model.kind == "adapter" else None
+    return model.run_dir / "eval" / f"{fingerprint}.json" if model.run_dir and model.kind in ("adapter", "full") else None
 
 
 def cached_result(model: ResolvedModel, fingerprint: str, tracking_uri: Optional[str]) -> Optional[EvalResult]:

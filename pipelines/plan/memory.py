@@ -296,6 +296,7 @@ def _weight_and_state_parts(p: PlanInputs) -> list[MemoryPart]:
     else:
         base_gpu, base_host = packed + consts + dense, 0.0
     kind = f"4-bit {p.quantization}{' +dq' if p.double_quant else ''}" if p.quantized else p.dtype
+    kind += ", every weight trains" if p.method == "full" else ""
     parts = [MemoryPart("base weights", packed + consts + dense, base_gpu, base_host, kind)]
     trainable = p.adapter_params()
     w_full = trainable * p.trainable_bytes()

@@ -124,7 +124,8 @@ def plan_inputs(cfg, arch: Arch, num_gpus: int, cpu: bool) -> PlanInputs:
     ckpt = checkpointing_fields("all" if m.activation_checkpointing == "auto" else m.activation_checkpointing,
                                 m.checkpoint_every_k)
     return PlanInputs(
-        arch=arch, num_gpus=num_gpus, dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
+        arch=arch, num_gpus=num_gpus, method="full" if cfg.is_full else "lora",
+        dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
         lora_r=lora.r, lora_dropout=lora.dropout, use_dora=lora.use_dora, lora_targets=targets, precision="mixed",
         seq_len=cfg.data.max_seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps,
         attn_implementation=m.attn_implementation, **ckpt,
@@ -296,6 +297,12 @@ def _hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else (f"{h:,.1f} h" if h < 48 else f"{h / 24:,.1f} days")
 
 
+def describe_method(p: PlanInputs) -> str:
+    if p.method == "full":
+        return f"full fine-tuning {p.dtype} ({p.adapter_params() / 1e9:,.2f}B trainable)"
+    return f"{'QLoRA ' + p.quantization if p.quantized else 'LoRA ' + p.dtype}, r={p.lora_r}"
+
+
 def verdict_line(plan: Plan) -> str:
     """One line: 'plan: 7.9 GiB/GPU of 79.6 GiB on 8x h100 - FITS; ~2,950 tok/s/GPU, 3.1 h, $98'."""
     p, t = plan.inputs, plan.time
@@ -316,7 +323,7 @@ def render_plan(plan: Plan, console=None) -> None:
     a = p.arch
     console.print(f"[bold]{a.total_params() / 1e9:,.2f}B-parameter Llama-style model[/] (hidden {a.hidden}, "
                   f"{a.layers} layers, {a.heads}/{a.kv_heads} heads, vocab {a.vocab:,}); "
-                  f"{'QLoRA ' + p.quantization if p.quantized else 'LoRA ' + p.dtype}, r={p.lora_r}, "
+                  f"{describe_method(p)}, "
                   f"ZeRO-{p.zero_stage} on {n}x {plan.gpu.name}; micro batch {p.micro_batch} x {p.seq_len} tokens, "
                   f"checkpointing {describe_checkpointing(p)}, loss {describe_loss(p)}")
     mem = Table(title=f"Memory per {plan.unit} (GiB)")

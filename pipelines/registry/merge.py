@@ -33,6 +33,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, onto: str = "trained") -
     if onto not in ("trained", "original"):
         raise UserError(f"--onto {onto!r} is not allowed; choose trained or original")
     run = RunDir.open(run_dir)
+    if run.kind == "full":
+        raise UserError(f"{run.path} is a full fine-tuning run: {run.model} is already a whole model (nothing to merge)")
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"output directory {out} already exists")

@@ -1,4 +1,5 @@
-"""MLflow registry: log a run directory's adapter and merged model and register both as versions.
+"""MLflow registry: log a run directory's adapter and merged model and register both as versions
+(a full fine-tuning run: its whole model, one version of NAME-full, no merge and no parity).
 
 Everything here reads only the run directory. The registry only ever sees complete artifacts:
 the merge is finished and verified on local disk before anything is uploaded, and a version
@@ -51,15 +52,15 @@ def metric_tags(metrics: dict, prefix: str = "lorapipe.metric.") -> dict[str, st
     return {f"{prefix}{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _find_versions(c, name: str, digest: str) -> list:
-    """Versions of `name` already registered from this exact adapter (idempotent register)."""
+def _find_versions(c, name: str, digest: str, tag: str = "lorapipe.adapter_sha256") -> list:
+    """Versions of `name` already registered from these exact weights (idempotent register)."""
     from mlflow.exceptions import MlflowException
 
     try:
         found = c.search_model_versions(f"name='{name}'")
     except MlflowException:
         return []
-    return [v for v in found if v.tags.get("lorapipe.adapter_sha256") == digest]
+    return [v for v in found if v.tags.get(tag) == digest]
 
 
 def _ensure_registered_model(c, name: str, description: str) -> None:
@@ -74,11 +75,19 @@ def _ensure_registered_model(c, name: str, description: str) -> None:
 @dataclass
 class Registered:
     name: str
-    adapter_version: str
-    merged_version: str
+    adapter_version: Optional[str]
+    merged_version: Optional[str]
     run_id: str
     created: bool
     parity: dict = field(default_factory=dict)  # gate-suite metric -> |adapter - merged| (relative above 1)
+    full_version: Optional[str] = None          # a full fine-tuning run: its one version of NAME-full
+
+    def versions(self) -> dict[str, str]:
+        """Registered model name -> the version this registration made (or found)."""
+        if self.full_version is not None:
+            return {f"{self.name}-full": self.full_version}
+        return {f"{self.name}-{kind}": v for kind, v in (("adapter", self.adapter_version),
+                                                          ("merged", self.merged_version)) if v is not None}
 
 
 def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: Optional[str] = None, *,
@@ -91,6 +100,10 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
 
     run = RunDir.open(run_dir)
     run.verify_digests()
+    if run.kind == "full":
+        if merged_dir:
+            raise UserError(f"{run.path} is a full fine-tuning run: its model/ is registered as it is (no --merged)")
+        return register_full_run(run, name, tracking_uri, suite=suite)
     cfg, metrics, lineage = run.config(), run.metrics(), run.lineage()
     name = check_name(name or cfg.registry_name())
     uri = tracking_uri or cfg.tracking_uri()
@@ -102,7 +115,7 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
     existing_a, existing_m = _find_versions(c, f"{name}-adapter", digest), _find_versions(c, f"{name}-merged", digest)
     if existing_a and existing_m:
         return Registered(name, existing_a[0].version, existing_m[0].version, existing_m[0].run_id, created=False)
-    gate, new_gate = gate_for(c, name, cfg, suite)
+    gate, new_gate = gate_for(c, name, cfg, suite, (f"{name}-merged", f"{name}-adapter"))
     with tempfile.TemporaryDirectory(prefix="lorapipe-merge-") as tmp:
         merged = Path(merged_dir) if merged_dir else Path(tmp) / "merged"
         report = check_merged_dir(merged, run) if merged_dir else merge_run(run.path, merged)
@@ -135,7 +148,48 @@ def register_run(run_dir: str | Path, name: Optional[str] = None, tracking_uri: 
 
 
 DESCRIPTIONS = {"adapter": "PEFT LoRA adapter; load onto lorapipe.base_model",
-                "merged": "base + adapter merged (dequantize-then-merge for QLoRA)"}
+                "merged": "base + adapter merged (dequantize-then-merge for QLoRA)",
+                "full": "fully fine-tuned model (every weight of lorapipe.base_model trained)"}
+
+
+def register_full_run(run: RunDir, name: Optional[str], tracking_uri: Optional[str], *, suite=None) -> Registered:
+    """A full fine-tuning run: its model/ uploaded and registered as one version of NAME-full, with
+    the lineage tags and the gate suite an adapter run's versions get, evaluated on that suite first."""
+    from pipelines.artifacts.resolve import resolve_run_dir
+    from pipelines.eval.run import evaluate
+    from pipelines.eval.suite import prepare_suite
+
+    cfg, metrics, lineage = run.config(), run.metrics(), run.lineage()
+    name = check_name(name or cfg.registry_name())
+    model_name = f"{name}-full"
+    uri = tracking_uri or cfg.tracking_uri()
+    reachable(uri)
+    c = mlflow_client(uri)
+    authorize_registration(uri, c, cfg.mlflow.experiment, (model_name,))  # before any upload
+    digest = run.digest_of(run.weights_file)
+    existing = _find_versions(c, model_name, digest, "lorapipe.model_sha256")
+    if existing:
+        return Registered(name, None, None, existing[0].run_id, created=False, full_version=str(existing[0].version))
+    gate, new_gate = gate_for(c, name, cfg, suite, (model_name,))
+    result = evaluate(resolve_run_dir(run.path), gate.suite, record=False)  # before any upload
+    run_id = lineage.get("mlflow_run_id")
+    if not _run_exists(c, run_id):
+        run_id = start_run(uri, cfg.mlflow.experiment, run.path.name, cfg.model_dump(mode="json"),
+                           {"lorapipe.registered_from": str(run.path)})
+    tags = {**lineage_tags(lineage), "lorapipe.run_dir": str(run.path), "lorapipe.model_sha256": digest,
+            "lorapipe.method": "full"}
+    for k, v in tags.items():
+        with_retries(lambda: c.set_tag(run_id, k, v), what="MLflow set_tag")
+    with_retries(lambda: c.log_artifacts(run_id, str(run.model), "full"), what="upload model")
+    upload_run_metadata(c, run_id, run)
+    if new_gate:
+        with_retries(lambda: _ensure_registered_model(c, model_name, DESCRIPTIONS["full"]), what="create registered model")
+        set_gate_suite(c, model_name, gate.suite, gate.fingerprint)
+    artifact_uri = c.get_run(run_id).info.artifact_uri
+    version = create_version(c, model_name, "full", f"{artifact_uri}/full", run_id, {**tags, **metric_tags(metrics)},
+                             cfg.registry.protected_aliases)
+    record_version_result(model_name, version, result, prepare_suite(gate.suite), uri)
+    return Registered(name, None, None, run_id, created=True, full_version=version)
 
 
 def create_version(c, model_name: str, kind: str, source: str, run_id: str, tags: dict, protected: list[str]) -> str:
@@ -151,6 +205,11 @@ def upload_run_files(c, run_id: str, run: RunDir, merged: Optional[Path]) -> Non
     with_retries(lambda: c.log_artifacts(run_id, str(run.adapter), "adapter"), what="upload adapter")
     if merged is not None:
         with_retries(lambda: c.log_artifacts(run_id, str(merged), "merged"), what="upload merged model")
+    upload_run_metadata(c, run_id, run)
+
+
+def upload_run_metadata(c, run_id: str, run: RunDir) -> None:
+    """run/: the config, metrics and lineage a registered version is read with (resolve)."""
     for f in ("config.yaml", "metrics.json", "lineage.json"):
         with_retries(lambda: c.log_artifact(run_id, str(run.path / f), "run"), what=f"upload {f}")
 
@@ -174,16 +233,21 @@ def check_merged_dir(merged: Path, run: RunDir) -> dict:
     return report
 
 
-def gate_for(c, name: str, cfg, suite):
-    """(the model's gate suite, whether it is new): the one recorded at first registration; a
-    different suite passed now is refused (set-gate changes it, explicitly)."""
+def gate_for(c, name: str, cfg, suite, model_names: tuple[str, ...]):
+    """(the model's gate suite, whether it is new): the one recorded at first registration on the
+    first of `model_names` that has one; a different suite passed now is refused (set-gate changes
+    it, explicitly)."""
     from pipelines.eval.suite import prepare_suite, suite_for_config
 
-    recorded = gate_suite_if_exists(c, f"{name}-merged") or gate_suite_if_exists(c, f"{name}-adapter")
+    recorded = None
+    for model_name in model_names:
+        recorded = gate_suite_if_exists(c, model_name)
+        if recorded is not None:
+            break
     if recorded is not None:
         if suite is not None and prepare_suite(suite).fingerprint != recorded.fingerprint:
             raise UserError(f"{name} already has a gate suite (fingerprint {recorded.fingerprint[:12]}); change it "
-                            f"with `lorapipe registry set-gate {name}-merged --suite FILE`")
+                            f"with `lorapipe registry set-gate {model_names[0]} --suite FILE`")
         return recorded, False
     chosen = suite or suite_for_config(cfg)
     return GateSuite(chosen, prepare_suite(chosen).fingerprint), True

@@ -1,8 +1,8 @@
 """Which models a server answers for: REFs resolved, named and checked before anything starts.
 
 One base carries every adapter, so every adapter must have been trained on that base (same
-content digest) and loaded the same way (4-bit or 16-bit); a merged model is a whole model and
-is served alone.
+content digest) and loaded the same way (4-bit or 16-bit); a merged or fully fine-tuned model is
+a whole model and is served alone.
 """
 from __future__ import annotations
 
@@ -51,11 +51,12 @@ class Catalog:
 
     @property
     def merged(self) -> bool:
-        return self.models[0].resolved.kind == "merged"
+        """A whole model (merged, or fully fine-tuned) served alone: no base row, no adapters."""
+        return self.models[0].resolved.standalone
 
     @property
     def base_name(self) -> Optional[str]:
-        """The base's own model id (None when a merged model is served alone)."""
+        """The base's own model id (None when a whole model is served alone)."""
         return None if self.merged else base_model_id(self.base_path)
 
     @property
@@ -113,9 +114,10 @@ def check_loading(models: list[ServedModel]) -> None:
 
 
 def check_kinds(models: list[ServedModel]) -> None:
-    merged = [m.ref for m in models if m.resolved.kind == "merged"]
-    if merged and len(models) > 1:
-        raise UserError(f"{merged[0]} is a merged model: a merged model is served alone (serve the "
+    whole = [m for m in models if m.resolved.standalone]
+    if whole and len(models) > 1:
+        what = "a fully fine-tuned" if whole[0].resolved.kind == "full" else "a merged"
+        raise UserError(f"{whole[0].ref} is {what} model: a whole model is served alone (serve "
                         "-adapter versions to share one base)")
     for m in models:
         if m.resolved.kind == "adapter" and uses_dora(m.resolved.adapter_path):
@@ -139,7 +141,7 @@ def build_catalog(refs: list[str], tracking_uri: str) -> Catalog:
         models.append(ServedModel(name, ref, r, adapter_rank(r.adapter_path) if r.kind == "adapter" else None))
     check_kinds(models)
     first = models[0].resolved
-    base_path = str(first.model_path) if first.kind == "merged" else first.base_path
+    base_path = str(first.model_path) if first.standalone else first.base_path
     base_sha256 = model_content_hash(base_path) if first.kind == "adapter" else None
     if first.kind == "adapter":
         for m in models:

@@ -2,6 +2,8 @@
 how a complete one is recognised and found, and how a worker restores from it.
 
 <checkpoint>/adapter/                 rank 0: the gathered adapter (stock PEFT format, verified)
+<checkpoint>/model/                   rank 0, method=full instead of adapter/: the gathered whole model
+                                      (stock transformers safetensors + config + tokenizer, verified)
 <checkpoint>/config.yaml              rank 0: the resolved config of the run
 <checkpoint>/trainer_state.json       rank 0: TrainerState (step, data position, tokens, history)
 <checkpoint>/rng_rank<N>.json         every rank: Python, NumPy, torch CPU (and CUDA) RNG states
@@ -25,6 +27,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
 DS_DIR, DS_TAG = "deepspeed", "state"
 
 
@@ -76,19 +79,66 @@ def write_adapter(model, state_dict: dict, out: Path, lora_r: int, shapes: dict)
     return out
 
 
+def gathered_model_state(engine, stage: int, rank: int) -> Optional[dict]:
+    """Full fine-tuning: the whole model's state dict on rank 0 (None elsewhere). Under ZeRO-3
+    DeepSpeed gathers it one module at a time onto rank 0 (a collective: every rank calls it), so
+    no rank ever holds the whole model twice."""
+    if stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def write_full_model(model, state_dict: dict, out: Path, shapes: dict, tokenizer_source) -> Path:
+    """Save the whole model (safetensors + config) and the tokenizer it was trained with, and check
+    what landed on disk: every tensor non-empty, named and shaped as in the model."""
+    import shutil
+
+    from lora import verify_model_files
+
+    # One model.safetensors whatever the size: the run directory names that file (its digest is the
+    # model's identity in the registry and the eval caches).
+    model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True, max_shard_size="100000GB")
+    try:
+        verify_model_files(out, shapes)
+        tokenizer_source().save_pretrained(str(out))
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
 def save_checkpoint(engine, cfg, state: TrainerState, shapes: dict, rank: int, out: Path) -> None:
     """One rank's part of a checkpoint; rank 0 writes the marker last."""
     from pipelines.config.load import dump_config
 
     engine.save_checkpoint(str(out / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
-    adapter_state = gathered_adapter_state(engine, cfg.deepspeed.stage)  # a collective: every rank
+    # Gathering is a collective: every rank takes part.
+    weights = (gathered_model_state(engine, cfg.deepspeed.stage, rank) if cfg.is_full
+               else gathered_adapter_state(engine, cfg.deepspeed.stage))
     (out / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
     if rank == 0:
-        write_adapter(engine.module, adapter_state, out / ADAPTER_DIR, cfg.lora.r, shapes)
+        if cfg.is_full:
+            write_full_model(engine.module, weights, out / MODEL_DIR, shapes, lambda: tokenizer_of(cfg))
+        else:
+            write_adapter(engine.module, weights, out / ADAPTER_DIR, cfg.lora.r, shapes)
         (out / CONFIG_FILE).write_text(dump_config(cfg))
         (out / STATE_FILE).write_text(json.dumps(asdict(state)))
         fault_point_kill_before_marker(state)
         (out / MARKER).write_text(str(state.step))
+
+
+def tokenizer_of(cfg):
+    from lora import load_tokenizer
+
+    return load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
+
+
+def weights_dir(ckpt: Path) -> tuple[Path, str]:
+    """(the checkpoint's weights folder, its kind): model/ "full" or adapter/ "adapter"."""
+    full = Path(ckpt) / MODEL_DIR
+    return (full, "full") if full.is_dir() else (Path(ckpt) / ADAPTER_DIR, "adapter")
 
 
 def fault_point_kill_before_marker(state: TrainerState) -> None:

@@ -202,6 +202,10 @@ def final_metrics(state: dict) -> dict:
         "non_pad_share": state["tokens"] / max(state.get("slots", 0), 1) if state.get("slots") else None,
         "restarts": state.get("restarts", 0),
         "resumed_from_step": state.get("resumed_from_step", []),
+        "train_seconds": state["train_seconds"],
+        # What trained and how much there was (LoRA: the adapter of the whole; full: all of it).
+        "trainable_params": last.get("trainable_params"),
+        "total_params": last.get("total_params"),
     }
 
 
@@ -249,7 +253,7 @@ def lineage(cfg: PipelineConfig, source_model: str, fingerprint: str, data_stats
 def config_to_resume(path: str) -> PipelineConfig:
     """The resolved config of an interrupted run, from its Ray storage directory (or its newest
     complete checkpoint): resuming reuses its run name and storage, so Ray Train restores the
-    latest checkpoint (adapter, optimizer, scheduler, RNG, data position) instead of step 0."""
+    latest checkpoint (adapter or model, optimizer, scheduler, RNG, data position) instead of step 0."""
     from pipelines.config.load import config_from_yaml_text
 
     p = Path(path).expanduser()
@@ -276,7 +280,8 @@ def run_dir_from_checkpoint(ckpt: Path, run_dir: Path, *, source_model: str, fin
     if marks and not state.get("resumed_from_step"):  # a resumed run's first report is from another process
         metrics["startup"] = startup_breakdown(marks, state["history"][0])
     history = "".join(json.dumps(m) + "\n" for m in state["history"])
-    return write_run_dir(run_dir, config_yaml=config_yaml, adapter_src=ckpt / checkpoint.ADAPTER_DIR, metrics=metrics,
+    weights, kind = checkpoint.weights_dir(ckpt)
+    return write_run_dir(run_dir, config_yaml=config_yaml, weights_src=weights, kind=kind, metrics=metrics,
                          lineage=lineage(cfg, source_model, fingerprint, data_stats, extra),
                          extra_files={"history.jsonl": history})
 

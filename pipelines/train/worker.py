@@ -3,7 +3,7 @@
 Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (the resolved
 config as a dict, refs to the MLflow run id and to the driver's prepared data); no module
 globals. Every worker calls `ray.train.report` at the same steps (it is a barrier); rank 0 alone
-writes the replicated files (adapter, state, config) and talks to MLflow, while DeepSpeed writes
+writes the replicated files (adapter or full model, state, config) and talks to MLflow, while DeepSpeed writes
 one optimizer shard per rank.
 """
 from __future__ import annotations
@@ -46,7 +46,10 @@ def device_memory_bytes(device: torch.device):
 
 
 def build_model(cfg: PipelineConfig, device: torch.device):
-    """Frozen base (4-bit when configured) + LoRA; returns (peft model, {layer: (out, in)})."""
+    """Frozen base (4-bit when configured) + LoRA; returns (peft model, {layer: (out, in)}).
+    method=full: the whole base, every weight trainable; returns (model, {state-dict key: shape})."""
+    if cfg.is_full:
+        return build_full_model(cfg, device)
     from lora import apply_lora, build_lora_config, load_base_model
     from lora.adapter import config_targets, linear_shapes
     from pipelines.plan.auto import resolve_activation_checkpointing
@@ -63,7 +66,7 @@ def build_model(cfg: PipelineConfig, device: torch.device):
     return apply_lora(base, lcfg, gradient_checkpointing=ckpt != "none", checkpoint_every=every), shapes
 
 
-def trainable_params(cfg: PipelineConfig, model) -> list:
+def optimizer_params(cfg: PipelineConfig, model) -> list:
     """What the optimizer gets: the adapter's parameters, or with LoRA+ its param groups (B at
     lr * lora.plus_lr_ratio). Either optimizer path takes them: the client AdamW, or the one
     DeepSpeed builds from its config when states are offloaded (per-group lr overrides its lr)."""
@@ -74,6 +77,32 @@ def trainable_params(cfg: PipelineConfig, model) -> list:
     return lora_plus_param_groups(model, cfg.train.lr, cfg.lora.plus_lr_ratio, cfg.train.weight_decay)
 
 
+def build_full_model(cfg: PipelineConfig, device: torch.device):
+    """Full fine-tuning: the unquantized base with every parameter trainable, and the shape of every
+    state-dict tensor (taken now: ZeRO-3 partitions the parameters once DeepSpeed wraps the model)."""
+    from lora import load_base_model, make_fully_trainable, state_dict_shapes
+    from pipelines.plan.auto import resolve_activation_checkpointing
+
+    m = cfg.model
+    base = load_base_model(m.path, dtype=m.dtype, quantization="none", device=str(device),
+                           attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+                           revision=m.revision)
+    ckpt, every = resolve_activation_checkpointing(cfg, device_memory_bytes(device))
+    model = make_fully_trainable(base, gradient_checkpointing=ckpt != "none", checkpoint_every=every)
+    return model, state_dict_shapes(model)
+
+
+def parameter_counts(model) -> dict:
+    """{"trainable_params", "total_params"} of the model as built (before DeepSpeed partitions it);
+    PEFT's count, where it applies, counts a packed 4-bit weight as the weights it holds."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        params = list(model.parameters())  # each shared (tied) parameter once
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return {"trainable_params": int(trainable), "total_params": int(total)}
+
+
 def build_engine(cfg: PipelineConfig, model):
     import deepspeed
     from transformers import get_scheduler
@@ -81,7 +110,7 @@ def build_engine(cfg: PipelineConfig, model):
     from pipelines.train.deepspeed_config import build_deepspeed_config
 
     ds_config = build_deepspeed_config(cfg)
-    params = trainable_params(cfg, model)
+    params = optimizer_params(cfg, model)
     optimizer = None
     if "optimizer" not in ds_config:
         # Fused AdamW (one kernel for every adapter tensor) where the parameters are on a GPU.
@@ -227,6 +256,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Model and engine: identical LoRA init on every rank (same seed), then DeepSpeed.
     seed_everything(cfg.seed)
     model, shapes = build_model(cfg, device)
+    counts = parameter_counts(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # 4-bit loading leaves its 16-bit load buffers in the cache
     marks["model_loaded"] = time.time()
@@ -273,7 +303,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"step": state.step, "train_loss": loss_sum / max(micro, 1), **learning_rates(engine),
                    "tokens_per_s": tokens / max(seconds / world, 1e-9), "tokens": state.tokens,
                    "peak_memory_bytes": int(all_reduce([peak_memory_bytes(device)], device, dist.ReduceOp.MAX)[0]),
-                   "non_pad_share": tokens / max(slots, 1.0), "epoch": state.epoch, "restarts": state.restarts}
+                   "non_pad_share": tokens / max(slots, 1.0), "epoch": state.epoch, "restarts": state.restarts,
+                   **counts}
         if do_eval:
             metrics.update(evaluate(engine, eval_set, device))
         if marks is not None:  # first report of this process: how start-up time was spent

@@ -19,7 +19,9 @@ def _assert_contract(run):
     for key in REQUIRED_METRICS:
         assert key in metrics and metrics[key] == metrics[key], key  # present, not NaN
     assert metrics["train_steps"] == 12
-    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0 and metrics["train_seconds"] > 0
+    # The method comparison's figures: an adapter is a small share of a (4-bit, counted unpacked) tiny base.
+    assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
     lineage = run.lineage()
     for key in ("base_model", "base_model_sha256", "dataset_fingerprint", "lorapipe_version", "seed"):
         assert lineage[key] is not None and lineage[key] != "", key

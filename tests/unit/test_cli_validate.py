@@ -143,6 +143,9 @@ def test_validate_applies_overrides(run_main):
     ((TINY, "train.lr"), "KEY=VALUE"),
     ((TINY, "deepspeed.stage=3"), "model.quant_storage"),
     ((TINY, "trian.lr=0.1"), "did you mean 'train'"),
+    ((TINY, "method=full"), "method=full trains every weight; a 4-bit base cannot be trained: set "
+                            "model.quantization=none"),
+    ((TINY, "method=lora"), "set model.quantization=none, or method=qlora"),
     (("configs/nope.yaml",), "config file not found"),
 ])
 def test_validate_bad_input_exits_2_with_one_line(run_main, args, words):
@@ -163,3 +166,10 @@ def test_validate_works_from_another_directory(run_main, tmp_path):
     code, out, err = run_main("validate", "mine.yaml", "name=mine", cwd=tmp_path)
     assert code == 0, err
     assert yaml.safe_load(out)["name"] == "mine"
+
+
+def test_validate_switches_to_full_finetuning_with_two_keys(run_main):
+    code, out, err = run_main("validate", TINY, "method=full", "model.quantization=none")
+    assert code == 0, err
+    data = yaml.safe_load(out)
+    assert data["method"] == "full" and data["model"]["quantization"] == "none"

@@ -337,3 +337,61 @@ def test_validation_does_not_mutate_input():
     before = copy.deepcopy(data)
     validate_config(data)
     assert data == before
+
+
+# --------------------------------------------------------------------------- method
+@pytest.mark.parametrize("quantization, method", [("nf4", "qlora"), ("fp4", "qlora"), ("none", "lora")])
+def test_method_is_inferred_from_the_quantization(quantization, method):
+    assert validate_config(minimal(model={"quantization": quantization})).method == method
+
+
+def test_method_defaults_to_qlora_with_the_default_quantization():
+    data = minimal()
+    del data["model"]["quantization"]  # the schema's default: nf4
+    assert validate_config(data).method == "qlora"
+
+
+@pytest.mark.parametrize("method, quantization", [("full", "none"), ("lora", "none"), ("qlora", "nf4")])
+def test_a_method_alone_sets_the_quantization_it_needs(method, quantization):
+    data = minimal(method=method)
+    del data["model"]["quantization"]
+    cfg = validate_config(data)
+    assert (cfg.method, cfg.model.quantization) == (method, quantization)
+    assert "quantization" not in data["model"]  # the input is not changed
+
+
+def test_every_preset_keeps_its_meaning():
+    assert load_config(TINY).method == "qlora" and not load_config(TINY).is_full
+
+
+@pytest.mark.parametrize("method, quantization, words", [
+    ("full", "nf4", "method=full trains every weight; a 4-bit base cannot be trained: set model.quantization=none"),
+    ("qlora", "none", "method=qlora trains an adapter on a 4-bit base: set model.quantization=nf4"),
+    ("lora", "fp4", "set model.quantization=none, or method=qlora"),
+])
+def test_method_and_quantization_must_agree(method, quantization, words):
+    assert words in error_of(minimal(method=method, model={"quantization": quantization}))
+
+
+def test_unknown_method_names_the_allowed_ones():
+    msg = error_of(minimal(method="prefix"))
+    assert "method='prefix'" in msg and "'full'" in msg
+
+
+def test_full_finetuning_ignores_the_lora_section():
+    cfg = validate_config(minimal(method="full", lora={"use_dora": True, "r": 64}))
+    assert cfg.is_full and cfg.method == "full"
+
+
+def test_full_method_survives_a_round_trip():
+    cfg = load_config(TINY, ["method=full", "model.quantization=none"])
+    assert config_from_yaml_text(dump_config(cfg)) == cfg
+
+
+def test_a_searched_quantization_reinfers_the_method():
+    from pipelines.config.load import apply_trial_values
+
+    cfg = load_config(TINY)
+    assert apply_trial_values(cfg, {"model.quantization": "none"}).method == "lora"
+    full = load_config(TINY, ["method=full", "model.quantization=none"])
+    assert apply_trial_values(full, {"train.lr": 1e-4}).method == "full"

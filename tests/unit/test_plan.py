@@ -439,3 +439,50 @@ def test_config_keys_of_the_levers_and_the_deprecated_alias():
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="activation_checkpointing"):
         load_config(TINY, ["model.activation_checkpointing=some"])
+
+
+# -- full fine-tuning ----------------------------------------------------------------------------
+FULL_8B = PlanInputs(LLAMA31_8B, method="full", quantization="none", seq_len=512, micro_batch=1)
+
+
+@pytest.mark.parametrize("dtype, weights, grads, states", [("bf16", 2, 2, 12), ("fp32", 4, 4, 8)])
+def test_full_finetuning_holds_weights_grads_and_adam_states_for_every_parameter(dtype, weights, grads, states):
+    """Mixed bf16: 16-bit weights and grads + fp32 master, m, v (12 B); fp32: m and v only (8 B).
+    Either way 16 bytes per parameter before activations, every parameter of the 8B."""
+    got = parts(FULL_8B.with_(dtype=dtype))
+    n = LLAMA31_8B.total_params()
+    assert 8.0e9 < n < 8.1e9 and FULL_8B.adapter_params() == n
+    assert "adapter weights" not in got
+    assert got["base weights"].full == pytest.approx(weights * n)
+    assert got["gradients"].full == pytest.approx(grads * n)
+    assert got["optimizer states"].full == pytest.approx(states * n)
+    per_param = sum(got[k].full for k in ("base weights", "gradients", "optimizer states")) / n
+    assert per_param == pytest.approx(16)
+
+
+def test_full_finetuning_zero2_shards_grads_and_states_zero3_the_weights_too():
+    z2, z3 = parts(FULL_8B.with_(zero_stage=2, num_gpus=8)), parts(FULL_8B.with_(zero_stage=3, num_gpus=8))
+    assert z2["base weights"].per_gpu == z2["base weights"].full
+    for name in ("gradients", "optimizer states"):
+        assert z2[name].per_gpu == pytest.approx(z2[name].full / 8)
+    for name in ("base weights", "gradients", "optimizer states"):
+        assert z3[name].per_gpu == pytest.approx(z3[name].full / 8)
+    # 8B full FT does not fit one 80 GB GPU (>120 GiB of states alone), and does on 8 under ZeRO-3.
+    assert plan_memory(FULL_8B).total > 120 * GiB
+    assert plan_memory(FULL_8B.with_(zero_stage=3, num_gpus=8, gradient_checkpointing=True)).total < 40 * GiB
+
+
+def test_full_finetuning_step_counts_the_weight_gradients():
+    lora = FULL_8B.with_(method="lora")
+    assert flops_per_token(FULL_8B) > 1.4 * flops_per_token(lora)
+
+
+def test_plan_for_a_full_config_plans_full_finetuning():
+    cfg = load_config(PRESET_8B, ["method=full", "model.quantization=none"])
+    plan = plan_for_config(cfg)
+    assert plan.inputs.method == "full" and not plan.inputs.quantized
+    assert plan.inputs.adapter_params() == plan.inputs.arch.total_params()
+    assert plan.memory.part("optimizer states") * plan.inputs.num_gpus == pytest.approx(
+        12 * plan.inputs.arch.total_params())
+    lora = plan_for_config(load_config(PRESET_8B))
+    assert plan.memory.total > lora.memory.total and plan.time.step_s > lora.time.step_s
