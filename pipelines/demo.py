@@ -23,48 +23,18 @@ SUITE = Path(__file__).resolve().parents[1] / "configs" / "eval" / "demo-reverse
 
 
 def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
-    """Full-parameter pretraining of the builtin tiny Llama on the generic tasks (one process)."""
-    import torch
-    from transformers import get_scheduler
+    """Full-parameter pretraining of the builtin tiny Llama on the generic tasks (one process),
+    with a spinner (whole lines in a log file)."""
+    from pipelines.data.builtin import pretrain_tiny_llama
 
-    from lora import load_base_model, load_tokenizer
-    from pipelines.config.schema import DataSection
-    from pipelines.core.files import write_dir_atomic
-    from pipelines.data.builtin import materialize_demo_tasks, materialize_tiny_llama
-    from pipelines.data.prepare import MicroBatches, prepare_data
-
-    if (out / "config.json").is_file():
-        return out
-    init = materialize_tiny_llama(seed=seed)
-    tokenizer = load_tokenizer(str(init))
-    data_path = materialize_demo_tasks("generic", 8000, seed + 1)
-    data = prepare_data(DataSection(path=str(data_path), format="alpaca", max_seq_len=64), tokenizer, seed)
-    model = load_base_model(str(init), dtype="fp32")
-    model.requires_grad_(True).train()
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=min(20, steps // 10), num_training_steps=steps)
-    batches = MicroBatches(data.train, 32, seed, tokenizer.pad_token_id)
     with console.status("pretraining") as status:
-        for step in range(steps):
-            loss = model(**batches[step]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if step % 20 == 0:
-                line = f"pretraining base: step {step}/{steps}, loss {loss.item():.3f}"
-                status.update(line)
-                if not console.is_terminal and step % 100 == 0:  # a log file gets whole lines, not a spinner
-                    console.print(line)
+        def progress(step: int, loss: float) -> None:
+            line = f"pretraining base: step {step}/{steps}, loss {loss:.3f}"
+            status.update(line)
+            if not console.is_terminal and step % 100 == 0:
+                console.print(line)
 
-    def fill(d: Path) -> None:
-        model.save_pretrained(str(d), safe_serialization=True)
-        tokenizer.save_pretrained(str(d))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_dir_atomic(out, fill)
+        return pretrain_tiny_llama(out, steps, seed, progress)
 
 
 def before_after(run, suite, uri: str, merged_ref: str) -> list[dict]:

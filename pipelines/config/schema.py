@@ -37,7 +37,8 @@ class ShapeSection(Section):
 
 
 class ModelSection(Section):
-    path: str = Field(description="HF hub id, local model directory, or builtin:tiny-llama")
+    path: str = Field(description="HF hub id, local model directory, builtin:tiny-llama (random init) or "
+                      "builtin:tiny-llama-pretrained")
     dtype: DType = Field("bf16", description="dtype the base is loaded and computed in")
     quantization: Literal["none", "nf4", "fp4"] = Field(
         "nf4", description="'nf4'/'fp4' load the frozen base in 4 bits (QLoRA) via bitsandbytes")

@@ -1,8 +1,9 @@
 """Embedded assets so the pipeline runs with no hub and no files: a demo instruction set generated
 by code, and a tiny Llama (built from config) with a word-level tokenizer trained on that set.
 
-`builtin:tiny-llama` and `builtin:demo-tasks` in a config are materialised once under
-$LORAPIPE_HOME (default ./.lorapipe) by the driver, before any worker starts.
+`builtin:tiny-llama` (random init), `builtin:tiny-llama-pretrained` (the same model after a brief
+full-parameter pretraining on the generic tasks) and `builtin:demo-tasks` in a config are
+materialised once under $LORAPIPE_HOME (default ./.lorapipe) by the driver, before any worker starts.
 """
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from pipelines.core.errors import UserError
 from pipelines.core.files import write_dir_atomic
 
 TINY_LLAMA = "builtin:tiny-llama"
+TINY_LLAMA_PRETRAINED = "builtin:tiny-llama-pretrained"
+BUILTIN_MODELS = (TINY_LLAMA, TINY_LLAMA_PRETRAINED)
+# Steps of the pretrained builtin: enough for the format and the generic tasks (train loss ~0.02),
+# ~30 s on one core, once per $LORAPIPE_HOME. LoRA on the random-init base barely learns (its
+# frozen embeddings and lm_head are noise); on this one, accuracy rises with the rank
+# (bench/results/ablate_task.json).
+PRETRAIN_STEPS = 200
 DEMO_TASKS = "builtin:demo-tasks"
 TINY_SHAPE = dict(hidden=128, layers=4, heads=4, intermediate=512, max_positions=256)
 
@@ -33,6 +41,10 @@ TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
 # The adapter learns a held-out task; the base is pretrained on the generic ones.
 ADAPTER_TASKS = ("last", "reverse", "sort")
 GENERIC_TASKS = tuple(t for t in TASKS if t not in ADAPTER_TASKS)
+# Mixes a config can name as data.task (or an eval set's task): rows cycle through their tasks.
+# 'adapter' (last + reverse + sort at once, on the pretrained base) is the ablation task: its
+# exact match rises with LoRA rank where 'reverse' alone saturates by r=8.
+MIXES = {"generic": GENERIC_TASKS, "adapter": ADAPTER_TASKS}
 
 
 def home() -> Path:
@@ -55,15 +67,16 @@ def spaced(word: str) -> str:
 
 
 def demo_rows(task: Optional[str] = None, n: int = 2000, seed: int = 0) -> list[dict]:
-    """Alpaca rows. task: one of TASKS, 'generic' (all but the adapter tasks) or None (all)."""
+    """Alpaca rows. task: one of TASKS, a mix of MIXES ('generic': all but the adapter tasks;
+    'adapter': the adapter tasks) or None (all)."""
     if task is None:
         names = list(TASKS)
-    elif task == "generic":
-        names = list(GENERIC_TASKS)
+    elif task in MIXES:
+        names = list(MIXES[task])
     elif task in TASKS:
         names = [task]
     else:
-        raise UserError(f"data.task={task!r} is not a demo task; choose one of: generic, {', '.join(TASKS)}")
+        raise UserError(f"data.task={task!r} is not a demo task; choose one of: {', '.join([*MIXES, *TASKS])}")
     rng = random.Random(f"{seed}-{task}")
     rows = []
     for i, word in enumerate(_words(rng, n)):
@@ -97,6 +110,60 @@ def materialize_tiny_llama(root: Optional[Path] = None, seed: int = 0) -> Path:
     return write_dir_atomic((root or home()) / f"tiny-llama-seed{seed}", build, exist_ok=True)
 
 
+def pretrain_tiny_llama(out: Path, steps: int, seed: int = 0,
+                        progress: Optional[Callable[[int, float], None]] = None) -> Path:
+    """Full-parameter pretraining of the builtin tiny Llama on the generic tasks (one process),
+    saved to `out` (kept if it exists). progress(step, loss) is called every 20 steps."""
+    import torch
+    from transformers import get_scheduler
+
+    from lora import load_base_model, load_tokenizer
+    from pipelines.config.schema import DataSection
+    from pipelines.data.prepare import MicroBatches, prepare_data
+
+    if (out / "config.json").is_file():
+        return out
+    init = materialize_tiny_llama(seed=seed)
+    tokenizer = load_tokenizer(str(init))
+    data_path = materialize_demo_tasks("generic", 8000, seed + 1)
+    data = prepare_data(DataSection(path=str(data_path), format="alpaca", max_seq_len=64), tokenizer, seed)
+    model = load_base_model(str(init), dtype="fp32")
+    model.requires_grad_(True).train()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=min(20, steps // 10), num_training_steps=steps)
+    batches = MicroBatches(data.train, 32, seed, tokenizer.pad_token_id)
+    for step in range(steps):
+        loss = model(**batches[step]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None and step % 20 == 0:
+            progress(step, loss.item())
+
+    def fill(d: Path) -> None:
+        model.save_pretrained(str(d), safe_serialization=True)
+        tokenizer.save_pretrained(str(d))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_dir_atomic(out, fill, exist_ok=True)
+
+
+def materialize_tiny_llama_pretrained(root: Optional[Path] = None, seed: int = 0, steps: int = PRETRAIN_STEPS) -> Path:
+    """builtin:tiny-llama after `steps` of pretraining on the generic tasks, on one torch thread:
+    the same weights on every machine, and no OpenMP threads spinning on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pretrain_tiny_llama((root or home()) / f"tiny-llama-pretrained-seed{seed}-steps{steps}", steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def materialize_demo_tasks(task: Optional[str], n: int, seed: int, root: Optional[Path] = None) -> Path:
     rows = demo_rows(task, n=n, seed=seed)
 
@@ -113,8 +180,11 @@ def resolve_builtins(cfg):
     cfg = cfg.model_copy(deep=True)
     if cfg.model.path == TINY_LLAMA:
         cfg.model.path = str(materialize_tiny_llama(seed=0))
+    elif cfg.model.path == TINY_LLAMA_PRETRAINED:
+        cfg.model.path = str(materialize_tiny_llama_pretrained(seed=0))
     elif cfg.model.path.startswith("builtin:"):
-        raise UserError(f"model.path={cfg.model.path!r} is not a builtin; the builtin model is {TINY_LLAMA}")
+        raise UserError(f"model.path={cfg.model.path!r} is not a builtin; the builtin models are "
+                        f"{', '.join(BUILTIN_MODELS)}")
     data = cfg.data
     if data.path == DEMO_TASKS:
         n = data.max_examples or 2000

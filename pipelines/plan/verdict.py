@@ -99,7 +99,7 @@ def _hub_config(repo: str, revision: Optional[str]) -> Optional[Path]:
 def resolve_arch(cfg) -> Arch:
     """Local config.json, then the HF cache, then `model.shape`, then the hub."""
     m = cfg.model
-    if m.path == "builtin:tiny-llama":
+    if m.path in ("builtin:tiny-llama", "builtin:tiny-llama-pretrained"):  # one shape, two weight sets
         return _builtin_tiny_arch()
     local = Path(m.path).expanduser() / "config.json"
     if local.is_file():
