@@ -84,6 +84,9 @@ def trial_configs(cfg: PipelineConfig, kind: str, values: Optional[list[str]] = 
     from pipelines.config.load import apply_trial_values
 
     values = [str(v) for v in (values or DEFAULT_VALUES[check_kind(kind)])]
+    if cfg.is_full and kind != "method":
+        raise UserError(f"the {kind} ablation varies the adapter, but {cfg.name} uses method=full (no adapter): "
+                        "set method=lora or method=qlora (with model.quantization) in the base config")
     if len(set(values)) != len(values):
         raise UserError(f"{kind} ablation: values repeat ({', '.join(values)}); give each once")
     configs = {}

@@ -174,7 +174,7 @@ def write_outputs(kind: str, rows: list[dict], out_dir: Path, title: str) -> tup
     write_text_atomic(md, f"# {title}\n\n" + markdown_table(kind, rows))
     write_text_atomic(csv_path, csv_text(rows))
     write_text_atomic(out_dir / "results.json", json.dumps(rows, indent=2, default=str))
-    tmp_png = out_dir / ".plot.png.tmp"
+    tmp_png = out_dir / ".plot.tmp.png"  # matplotlib picks the format from the suffix
     plot = plot_ablation(kind, rows, tmp_png, title)
     if plot is not None:
         plot = tmp_png.replace(out_dir / "plot.png")

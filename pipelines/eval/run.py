@@ -56,7 +56,10 @@ def run_metrics(model: ResolvedModel, prepared: PreparedSuite) -> tuple[dict[str
     from pipelines.train.ray_cluster import ensure_ray
 
     ensure_ray(model.config)
-    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)(compute_metrics)
+    # DEFAULT scheduling: called from a Tune trial (lorapipe ablate), the task must not join the
+    # trial's placement group, whose only bundle is the trial driver's (no CPUs).
+    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0,
+                      scheduling_strategy="DEFAULT")(compute_metrics)
     return ray.get(task.remote(model, prepared, "cuda" if sc.use_gpu else "cpu"))
 
 

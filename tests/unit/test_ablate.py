@@ -66,10 +66,13 @@ def test_bad_values_fail_in_one_line(cfg, kind, values, message):
         trial_configs(cfg, kind, values)
 
 
-def test_full_on_a_4bit_base_is_refused_through_the_schema(cfg):
-    four_bit = load_config(ABLATE, ["method=qlora", "model.quantization=nf4"])
-    with pytest.raises(UserError, match="value 'full' cannot run: .*quantization"):
-        trial_configs(four_bit, "rank", ["8", "full"])
+def test_full_on_a_4bit_base_is_refused_and_adapter_ablations_need_an_adapter(cfg):
+    with pytest.raises(UserError, match="method=full trains every weight; a 4-bit base cannot be trained"):
+        load_config(ABLATE, ["method=full", "model.quantization=nf4"])
+    full = load_config(ABLATE, ["method=full"])
+    with pytest.raises(UserError, match="the rank ablation varies the adapter, but tiny-cpu-ablate uses method=full"):
+        trial_configs(full, "rank", ["8"])
+    assert set(trial_configs(full, "method")) == {"lora", "qlora", "full"}
 
 
 def test_config_without_eval_suite_names_what_to_add():
