@@ -44,7 +44,7 @@ def write_full_run(tmp: Path, name: str, overrides: list[str], *, steps: int, lr
     from pipelines.artifacts.rundir import write_run_dir
     from pipelines.config.load import dump_config, load_config
     from pipelines.data.builtin import resolve_builtins
-    from pipelines.data.prepare import MicroBatches, prepare_data
+    from pipelines.data.prepare import prepare_data
 
     root = Path(__file__).resolve().parents[2]
     cfg = resolve_builtins(load_config(root / "configs/tiny-cpu.yaml", [
@@ -53,20 +53,12 @@ def write_full_run(tmp: Path, name: str, overrides: list[str], *, steps: int, lr
     data = prepare_data(cfg.data, tok, cfg.seed)
     torch.manual_seed(seed)
     model = make_fully_trainable(load_base_model(cfg.model.path, dtype="fp32"))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    batches = MicroBatches(data.train, batch, seed, tok.pad_token_id)
-    model.train()
-    for step in range(steps):
-        loss = model(**batches[step]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    loss = _steps(model, data, tok, steps=steps, lr=lr, batch=batch, seed=seed)
     src = tmp / f"{name}-model-src"
     model.save_pretrained(str(src), safe_serialization=True)
     tok.save_pretrained(str(src))
     n = sum(p.numel() for p in model.parameters())
-    metrics = {"train_loss": loss.item(), "eval_loss": held_out_loss(model, data, tok), "eval_perplexity": 1.0,
+    metrics = {"train_loss": loss, "eval_loss": held_out_loss(model, data, tok), "eval_perplexity": 1.0,
                "tokens_per_s": 1.0, "train_steps": steps, "peak_memory_bytes": 1, "train_seconds": 1.0,
                "trainable_params": n, "total_params": n}
     lineage = {"base_model": cfg.model.path, "base_model_sha256": model_content_hash(cfg.model.path),
@@ -77,11 +69,17 @@ def write_full_run(tmp: Path, name: str, overrides: list[str], *, steps: int, lr
 
 def _train(base, cfg, data, tok, *, steps: int, lr: float, batch: int, seed: int, random_lora: bool):
     from lora import apply_lora, build_lora_config
-    from pipelines.data.prepare import MicroBatches
 
     lora_config = build_lora_config(base, r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules="all-linear")
     lora_config.init_lora_weights = not random_lora
     model = apply_lora(base, lora_config)
+    return model, _steps(model, data, tok, steps=steps, lr=lr, batch=batch, seed=seed)
+
+
+def _steps(model, data, tok, *, steps: int, lr: float, batch: int, seed: int) -> float:
+    """`steps` AdamW steps on the trainable parameters over the training micro batches; the last loss."""
+    from pipelines.data.prepare import MicroBatches
+
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     batches = MicroBatches(data.train, batch, seed, tok.pad_token_id)
     model.train()
@@ -91,7 +89,7 @@ def _train(base, cfg, data, tok, *, steps: int, lr: float, batch: int, seed: int
         opt.step()
         opt.zero_grad()
     model.eval()
-    return model, loss.item()
+    return loss.item()
 
 
 @torch.no_grad()
