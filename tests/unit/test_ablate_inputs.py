@@ -1,5 +1,6 @@
 """`lorapipe ablate` without Ray: what each value sets, the refusals before anything runs, and the
-table/CSV/plot it writes from rows (the run on a real Ray is tests/integration/test_ablate.py; a unit test module may not share its basename)."""
+table/CSV/plot it writes from rows (the run on a real Ray is tests/integration/test_ablate.py;
+pytest refuses two test modules of one basename, hence this name)."""
 from __future__ import annotations
 
 import csv
