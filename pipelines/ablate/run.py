@@ -25,6 +25,7 @@ from pipelines.config.eval_suite import EvalSuite
 from pipelines.config.schema import PipelineConfig
 from pipelines.core.errors import UserError
 from pipelines.core.files import write_text_atomic
+from pipelines.tune.search import trials_that_fit
 
 NEEDED_METRICS = ("exact_match", "perplexity", "loss")  # accuracy, perplexity, eval_loss
 
@@ -91,13 +92,6 @@ def unmet_resource(cfg: PipelineConfig, total: dict, per_node: list[dict]) -> Op
     return None
 
 
-def concurrent_trials(cfg: PipelineConfig, total: dict) -> int:
-    sc = cfg.scaling
-    by_cpu = int(total.get("CPU", 1) // (sc.num_workers * sc.cpus_per_worker))
-    by_gpu = int(total.get("GPU", 0) // sc.num_workers) if sc.use_gpu else by_cpu
-    return max(1, min(by_cpu, by_gpu))
-
-
 def check_cluster(cfg: PipelineConfig) -> int:
     """Trials that fit at once; a one-line UserError when not even one does."""
     import ray
@@ -107,7 +101,7 @@ def check_cluster(cfg: PipelineConfig) -> int:
     problem = unmet_resource(cfg, total, nodes)
     if problem:
         raise UserError(f"ablation cannot run on this cluster: {problem}")
-    return concurrent_trials(cfg, total)
+    return trials_that_fit(cfg, total)
 
 
 # -- trials ----------------------------------------------------------------------------------------

@@ -44,10 +44,14 @@ def max_concurrent(cfg: PipelineConfig, section: TuneSection) -> int:
 
     if section.max_concurrent_trials:
         return section.max_concurrent_trials
-    res = ray.cluster_resources()
+    return trials_that_fit(cfg, ray.cluster_resources())
+
+
+def trials_that_fit(cfg: PipelineConfig, resources: dict) -> int:
+    """Trials of this config that `resources` (Ray's cluster totals) hold at once, at least 1."""
     sc = cfg.scaling
-    by_cpu = int(res.get("CPU", 1) // (sc.num_workers * sc.cpus_per_worker))
-    by_gpu = int(res.get("GPU", 0) // sc.num_workers) if sc.use_gpu else by_cpu
+    by_cpu = int(resources.get("CPU", 1) // (sc.num_workers * sc.cpus_per_worker))
+    by_gpu = int(resources.get("GPU", 0) // sc.num_workers) if sc.use_gpu else by_cpu
     return max(1, min(by_cpu, by_gpu))
 
 

@@ -16,9 +16,14 @@ def test_rank_ablation_writes_table_csv_plot_and_nested_runs(ray_local, tmp_path
     from pipelines.tracking.runs import client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The preset's suite on 24 rows instead of 128: the table needs its metrics, not its precision.
+    suite = (Path("configs/eval/ablate.yaml").read_text().replace("limit: 128", "limit: 24"))
+    (tmp_path / "suite.yaml").write_text(suite)
     cfg = load_config("configs/tiny-cpu-ablate.yaml", [
         f"run.output_dir={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}", "train.max_steps=6",
-        "train.eval_every=6", "train.report_every=3", "train.checkpoint_every=6", "train.warmup_steps=0"])
+        "train.eval_every=6", "train.report_every=3", "train.checkpoint_every=6", "train.warmup_steps=0",
+        f"eval.suite_file={tmp_path / 'suite.yaml'}",
+        "model.path=builtin:tiny-llama"])  # the random-init base: no pretraining (~30 s) in the test
     result = ablate(cfg, "rank", ["1", "4", "full"], str(tmp_path / "abl"), progress=False)
 
     assert not result.failed, result.rows

@@ -9,11 +9,12 @@ import io
 import pytest
 
 from pipelines.ablate.grid import DEFAULT_VALUES, trial_configs
-from pipelines.ablate.run import ablation_suite, concurrent_trials, table_set, unmet_resource
+from pipelines.ablate.run import ablation_suite, table_set, unmet_resource
 from pipelines.ablate.table import CSV_COLUMNS, csv_text, markdown_table, plot_ablation
 from pipelines.cli import main
 from pipelines.config.load import load_config
 from pipelines.core.errors import UserError
+from pipelines.tune.search import trials_that_fit
 
 ABLATE = "configs/tiny-cpu-ablate.yaml"
 
@@ -102,7 +103,7 @@ def test_trials_that_cannot_fit_name_the_resource():
     gpu = load_config(ABLATE, ["scaling.use_gpu=true", "scaling.num_workers=2"])
     assert "needs 2 GPUs" in unmet_resource(gpu, {"CPU": 16.0, "GPU": 1.0}, [{"CPU": 16.0, "GPU": 1.0}])
     assert unmet_resource(cfg, {"CPU": 8.0}, [{"CPU": 4.0}, {"CPU": 4.0}]) is None
-    assert concurrent_trials(cfg, {"CPU": 8.0}) == 2
+    assert trials_that_fit(cfg, {"CPU": 8.0}) == 2
 
 
 def test_cli_refuses_unknown_kind_and_bad_value_with_exit_2(capsys):
