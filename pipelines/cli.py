@@ -43,9 +43,10 @@ def cmd_validate(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
+    accum = "the rest (chosen with the micro batch by the plan at start)" if cfg.train.grad_accum is None else \
+        cfg.train.grad_accum
     print(f"# global batch size: {cfg.global_batch_size()} "
-          f"(micro_batch_size {cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} "
-          f"x workers {cfg.scaling.num_workers})")
+          f"(micro_batch_size {cfg.train.micro_batch_size} x grad_accum {accum} x workers {cfg.scaling.num_workers})")
     return 0
 
 
@@ -58,8 +59,9 @@ def cmd_data(args) -> int:
     from pipelines.core.errors import UserError
     from pipelines.data.builtin import resolve_builtins
     from pipelines.data.report import data_report, format_report
+    from pipelines.plan.auto import with_auto_micro_batch
 
-    cfg = resolve_builtins(load_config(args.config, args.overrides))
+    cfg = with_auto_micro_batch(resolve_builtins(load_config(args.config, args.overrides)))
     if args.sample <= 0:
         raise UserError(f"--sample {args.sample}: give a positive number of rows")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)

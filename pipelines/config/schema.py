@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from pipelines.config.eval_suite import EvalSection
 from pipelines.config.tune_space import TuneSection
-from pipelines.core.defaults import default_tracking_uri
+from pipelines.core.defaults import catalogued_gpus, default_tracking_uri
 
 DType = Literal["fp32", "bf16", "fp16"]
 # lora.target_modules presets; what each means on a model is lora.targets' business (PRESETS there).
@@ -206,8 +206,15 @@ class DataSection(Section):
 
 class TrainSection(Section):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
-    micro_batch_size: int = Field(4, gt=0, description="examples per worker per forward")
-    grad_accum: int = Field(1, gt=0, description="micro batches per optimizer step")
+    micro_batch_size: Union[PositiveInt, Literal["auto"]] = Field(
+        4, description="examples per worker per forward; auto: the largest divisor of the per-worker batch "
+        "(train.global_batch_size / scaling.num_workers) whose planned memory fits, chosen before the run starts "
+        "(after the checkpointing when that is auto too); grad_accum makes up the rest")
+    grad_accum: Optional[PositiveInt] = Field(
+        None, description="micro batches per optimizer step; default 1, or what train.global_batch_size implies")
+    global_batch_size: Optional[PositiveInt] = Field(
+        None, description="examples per optimizer step over all workers; given, grad_accum follows from it "
+        "(needed by micro_batch_size=auto)")
     lr: float = Field(2e-4, gt=0, le=1.0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -252,6 +259,17 @@ class ScalingSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved (and torch threads) per worker")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes")
+    gpu_kind: Optional[str] = Field(
+        None, description="the GPU of configs/gpus/catalogue.yaml the workers get (use_gpu): what the fit verdict "
+        "and micro_batch_size=auto plan for; default the catalogue's default_gpu")
+
+    @field_validator("gpu_kind")
+    @classmethod
+    def _catalogued(cls, v: Optional[str]) -> Optional[str]:
+        known = catalogued_gpus()
+        if v is not None and v.lower() not in known:
+            raise ValueError(f"{v!r} is not in configs/gpus/catalogue.yaml; known: {', '.join(known)}")
+        return v.lower() if v else v
 
 
 class RunSection(Section):
@@ -346,6 +364,7 @@ class PipelineConfig(Section):
     def _cross_field_rules(self):
         m, ds = self.model, self.deepspeed
         self._check_method()
+        self._settle_batch()
         if m.is_quantized and ds.stage == 3 and m.quant_storage != m.dtype:
             raise ValueError(
                 f"deepspeed.stage=3 with a 4-bit base needs model.quant_storage equal to model.dtype "
@@ -386,6 +405,34 @@ class PipelineConfig(Section):
             raise ValueError("lora.plus_lr_ratio (LoRA+) sets the learning rate of an adapter's B matrices; "
                              "method=full trains no adapter: remove it, or use method=lora/qlora")
 
+    def _settle_batch(self) -> None:
+        """train.grad_accum from train.global_batch_size when that is given (they must agree when both
+        are); with micro_batch_size=auto it stays unset until the plan picks the micro batch."""
+        t, n = self.train, self.scaling.num_workers
+        if t.global_batch_size is None:
+            if t.micro_batch_size == "auto":
+                raise ValueError("train.micro_batch_size=auto needs train.global_batch_size (examples per optimizer "
+                                 "step over all workers): the micro batch is chosen among its divisors")
+            if t.grad_accum is None:
+                t.grad_accum = 1
+            return
+        g = t.global_batch_size
+        if g % n:
+            raise ValueError(f"train.global_batch_size={g} must be a multiple of scaling.num_workers={n}")
+        if t.micro_batch_size == "auto":
+            if t.grad_accum is not None:
+                raise ValueError(f"train.grad_accum={t.grad_accum} is chosen with the micro batch when "
+                                 "train.micro_batch_size=auto: remove it (or override train.grad_accum=null)")
+            return
+        if (g // n) % t.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={g} is {g // n} per worker over {n} workers, not a multiple of "
+                             f"train.micro_batch_size={t.micro_batch_size}")
+        accum = g // n // t.micro_batch_size
+        if t.grad_accum is not None and t.grad_accum != accum:
+            raise ValueError(f"train.grad_accum={t.grad_accum} disagrees with train.global_batch_size={g} = "
+                             f"micro_batch_size {t.micro_batch_size} x grad_accum {accum} x workers {n}: give one of them")
+        t.grad_accum = accum
+
     def _check_rank_by(self) -> None:
         """tune.rank_by=suite:<metric> needs an eval section; an inline suite must compute the metric."""
         rank_by = self.tune.rank_by if self.tune else None
@@ -404,7 +451,13 @@ class PipelineConfig(Section):
         return self.method == "full"
 
     def global_batch_size(self) -> int:
+        if self.train.micro_batch_size == "auto":
+            return self.train.global_batch_size
         return self.train.micro_batch_size * self.train.grad_accum * self.scaling.num_workers
+
+    def batch_per_worker(self) -> int:
+        """Examples each worker contributes to one optimizer step."""
+        return self.global_batch_size() // self.scaling.num_workers
 
     def run_name(self) -> str:
         return self.run.name or self.name

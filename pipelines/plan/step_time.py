@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipelines.core.defaults import GPU_CATALOGUE_PATH
 from pipelines.plan.memory import DTYPE_BYTES, PlanInputs
 
 NCCL_EFFICIENCY = 0.75   # achieved / nominal link bandwidth for large ring collectives
@@ -88,7 +89,6 @@ def plan_time(p: PlanInputs, *, peak_tflops: float, utilization: float, bandwidt
 
 
 # -- the GPU catalogue (configs/gpus/catalogue.yaml) -------------------------------------------
-CATALOGUE_PATH = Path(__file__).resolve().parents[2] / "configs" / "gpus" / "catalogue.yaml"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Catalogue:
     gpus: dict[str, GpuSpec]
 
 
-def load_catalogue(path: Path = CATALOGUE_PATH) -> Catalogue:
+def load_catalogue(path: Path = GPU_CATALOGUE_PATH) -> Catalogue:
     import yaml
 
     data = yaml.safe_load(Path(path).read_text())

@@ -19,7 +19,7 @@ from pipelines.plan.levers import (
     checkpointing_fields,
     describe_checkpointing,
     describe_loss,
-    fastest_fitting_checkpointing,
+    fastest_fitting,
     loss_chunks,
 )
 from pipelines.plan.memory import Arch, GiB, MemoryPlan, PlanInputs, arch_from_hf_config, plan_memory
@@ -118,8 +118,10 @@ def resolve_arch(cfg) -> Arch:
 # -- config -> inputs -> plan ------------------------------------------------------------------
 def plan_inputs(cfg, arch: Arch, num_gpus: int, cpu: bool) -> PlanInputs:
     """Our workers run DeepSpeed with bf16/fp16 enabled for 16-bit models: precision "mixed".
-    activation_checkpointing=auto is planned as `all` here; `plan_for_config` resolves it."""
+    activation_checkpointing=auto is planned as `all` here, micro_batch_size=auto as 1; `plan_for_config`
+    resolves both."""
     m, t, ds, lora = cfg.model, cfg.train, cfg.deepspeed, cfg.lora
+    micro = 1 if t.micro_batch_size == "auto" else t.micro_batch_size
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     ckpt = checkpointing_fields("all" if m.activation_checkpointing == "auto" else m.activation_checkpointing,
                                 m.checkpoint_every_k)
@@ -127,9 +129,10 @@ def plan_inputs(cfg, arch: Arch, num_gpus: int, cpu: bool) -> PlanInputs:
         arch=arch, num_gpus=num_gpus, method="full" if cfg.is_full else "lora",
         dtype=m.dtype, quantization=m.quantization, double_quant=m.double_quant,
         lora_r=lora.r, lora_dropout=lora.dropout, use_dora=lora.use_dora, lora_targets=targets, precision="mixed",
-        seq_len=cfg.data.max_seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps,
+        seq_len=cfg.data.max_seq_len, micro_batch=micro, grad_accum=cfg.batch_per_worker() // micro,
+        max_steps=t.max_steps,
         attn_implementation=m.attn_implementation, **ckpt,
-        loss_chunks=loss_chunks(t.loss, t.loss_chunk_tokens, t.micro_batch_size * cfg.data.max_seq_len),
+        loss_chunks=loss_chunks(t.loss, t.loss_chunk_tokens, micro * cfg.data.max_seq_len),
         keeps_logits=False,  # the worker keeps only the loss of the model's output
         zero_stage=ds.stage, offload_optimizer=ds.offload_optimizer != "none",
         offload_params=ds.offload_params != "none", overlap_comm=ds.overlap_comm, cpu=cpu)
@@ -168,19 +171,29 @@ def make_plan(inputs: PlanInputs, gpu: GpuSpec, *, utilization: Optional[float] 
 def plan_for_config(cfg, gpus: Optional[int] = None, gpu: Optional[str] = None, *,
                     utilization: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
                     interconnect_gbps: Optional[float] = None) -> Plan:
-    """The plan for a validated PipelineConfig; gpus defaults to scaling.num_workers, gpu to the
-    catalogue's default when scaling.use_gpu, else CPU mode. Raises UserError on bad input."""
+    """The plan for a validated PipelineConfig; gpus defaults to scaling.num_workers, gpu to
+    scaling.gpu_kind (else the catalogue's default) when scaling.use_gpu, else CPU mode. Raises UserError on bad input."""
     catalogue = load_catalogue()
-    name = gpu or (catalogue.default_gpu if cfg.scaling.use_gpu else "cpu")
+    name = gpu or ((cfg.scaling.gpu_kind or catalogue.default_gpu) if cfg.scaling.use_gpu else "cpu")
     spec = gpu_spec(name, catalogue)
     n = cfg.scaling.num_workers if gpus is None else gpus
     if n < 1:
         raise UserError(f"--gpus must be at least 1, got {n}")
     inputs = plan_inputs(cfg, resolve_arch(cfg), n, cpu=spec.memory_gib is None)
-    if cfg.model.activation_checkpointing == "auto":
-        inputs = fastest_fitting_checkpointing(inputs, budget_bytes(spec, inputs))
+    inputs = resolve_auto_inputs(cfg, inputs, budget_bytes(spec, inputs))
     return make_plan(inputs, spec, utilization=utilization, price_per_gpu_hour=price_per_gpu_hour,
                      interconnect_gbps=interconnect_gbps)
+
+
+def resolve_auto_inputs(cfg, inputs: PlanInputs, budget: float) -> PlanInputs:
+    """`inputs` with the config's `auto` settings (checkpointing, micro batch) chosen for `budget` bytes."""
+    ckpt_auto, micro_auto = cfg.model.activation_checkpointing == "auto", cfg.train.micro_batch_size == "auto"
+    if not (ckpt_auto or micro_auto):
+        return inputs
+    t = cfg.train
+    return fastest_fitting(inputs, budget, checkpointing=ckpt_auto,
+                           batch_per_worker=cfg.batch_per_worker() if micro_auto else None,
+                           chunk_tokens=None if t.loss == "plain" else t.loss_chunk_tokens)
 
 
 def fit_verdict(cfg, *, force: bool = False, configs: Optional[list] = None) -> str:
@@ -324,7 +337,8 @@ def render_plan(plan: Plan, console=None) -> None:
     console.print(f"[bold]{a.total_params() / 1e9:,.2f}B-parameter Llama-style model[/] (hidden {a.hidden}, "
                   f"{a.layers} layers, {a.heads}/{a.kv_heads} heads, vocab {a.vocab:,}); "
                   f"{describe_method(p)}, "
-                  f"ZeRO-{p.zero_stage} on {n}x {plan.gpu.name}; micro batch {p.micro_batch} x {p.seq_len} tokens, "
+                  f"ZeRO-{p.zero_stage} on {n}x {plan.gpu.name}; micro batch {p.micro_batch} x {p.seq_len} tokens "
+                  f"(grad_accum {p.grad_accum}), "
                   f"checkpointing {describe_checkpointing(p)}, loss {describe_loss(p)}")
     mem = Table(title=f"Memory per {plan.unit} (GiB)")
     for col in ("part", "whole model", "per " + plan.unit, "host", "how"):
@@ -372,8 +386,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config YAML")
     parser.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.micro_batch_size=1")
     parser.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: scaling.num_workers)")
-    parser.add_argument("--gpu", default=None, help="GPU kind from configs/gpus/catalogue.yaml (default: h100, "
-                        "or cpu when scaling.use_gpu is false)")
+    parser.add_argument("--gpu", default=None, help="GPU kind from configs/gpus/catalogue.yaml (default: "
+                        "scaling.gpu_kind, else h100; cpu when scaling.use_gpu is false)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode: workers share this host's RAM, no CUDA overheads")
     parser.add_argument("--utilization", type=float, default=None,
                         help="achieved / peak FLOP/s (default: the catalogue's measured anchors)")

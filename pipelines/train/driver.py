@@ -53,12 +53,26 @@ def check_target_modules(cfg: PipelineConfig) -> None:
     check_in_model(skeleton, cfg.lora.target_modules)
 
 
+def fixed_micro_batch(cfg: PipelineConfig) -> PipelineConfig:
+    """train.micro_batch_size=auto chosen by the plan, once, here: the run directory, MLflow's params,
+    every worker and every restart then see the same number."""
+    from pipelines.plan.auto import with_auto_micro_batch
+
+    if cfg.train.micro_batch_size != "auto":
+        return cfg
+    cfg = with_auto_micro_batch(cfg)
+    print(f"micro batch: auto -> {cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} "
+          f"(global batch {cfg.global_batch_size()}), the largest the plan fits", flush=True)
+    return cfg
+
+
 def preflight(cfg: PipelineConfig):
     """Everything that can fail on bad input, before Ray starts: paths, data rows, modules, 4-bit."""
     from lora import load_tokenizer
     from lora.base import build_bnb_config
     from pipelines.data.prepare import prepare_data
     from pipelines.data.streaming import use_ray_data
+    from pipelines.plan.auto import with_auto_micro_batch
 
     if cfg.model.is_quantized:
         build_bnb_config(cfg.model.dtype, cfg.model.quantization, cfg.model.double_quant, cfg.model.quant_storage)
@@ -68,9 +82,10 @@ def preflight(cfg: PipelineConfig):
         return sampled_data(cfg.data, tokenizer, cfg.seed)
     data = prepare_data(cfg.data, tokenizer, cfg.seed)
     shard_size = len(data.train) // cfg.scaling.num_workers
-    if shard_size < cfg.train.micro_batch_size:
+    micro = with_auto_micro_batch(cfg).train.micro_batch_size  # a search's base config may still say auto
+    if shard_size < micro:
         raise UserError(f"{len(data.train)} training examples give each of {cfg.scaling.num_workers} workers "
-                        f"{shard_size}, fewer than train.micro_batch_size={cfg.train.micro_batch_size}")
+                        f"{shard_size}, fewer than train.micro_batch_size={micro}")
     return data
 
 
@@ -308,6 +323,7 @@ def train(cfg: PipelineConfig, *, progress: bool = True, tune_trial_id: Optional
     marks = {"invoked": time.time()}
     source_model = cfg.model.path
     cfg = resolved_paths(with_run_name(resolve_builtins(cfg)))
+    cfg = fixed_micro_batch(cfg)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if run_dir.exists():
         raise UserError(f"run directory {run_dir} already exists; set run.name=... to a new name")

@@ -45,7 +45,10 @@ def _stock_peft_loads(run):
 
 @pytest.mark.parametrize("stage,extra", [
     (2, []),
-    (3, ["model.quant_storage=fp32"]),  # ZeRO-3 + 4-bit: storage dtype == load dtype
+    # ZeRO-3 + 4-bit: storage dtype == load dtype. The micro batch left to the plan: on a CPU worker's
+    # RAM share the whole per-worker batch fits, so the run trains as the stage-2 one does (8 x 1).
+    (3, ["model.quant_storage=fp32", "train.micro_batch_size=auto", "train.global_batch_size=16",
+         "train.grad_accum=null"]),
 ])
 def test_qlora_trains_under_deepspeed(ray_local, tiny_config, stage, extra):
     from pipelines.train.driver import train
@@ -59,6 +62,8 @@ def test_qlora_trains_under_deepspeed(ray_local, tiny_config, stage, extra):
     assert history[-1]["eval_loss"] < history[1]["eval_loss"] + 1e-9 or history[-1]["eval_loss"] < 4.2
     saved = yaml.safe_load((run.path / "config.yaml").read_text())
     assert saved["deepspeed"]["stage"] == stage and saved["model"]["quantization"] == "nf4"
+    # The run directory records the micro batch the workers stepped with, never `auto`.
+    assert (saved["train"]["micro_batch_size"], saved["train"]["grad_accum"], run.config().global_batch_size()) == (8, 1, 16)
     _stock_peft_loads(run)
     # MLflow: the run exists, finished, with metrics logged by rank 0.
     from mlflow.tracking import MlflowClient

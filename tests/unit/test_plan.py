@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pipelines.config.load import load_config
+from pipelines.config.schema import PipelineConfig
 from pipelines.core.errors import UserError
 from pipelines.plan.memory import CUDA_CONTEXT_BYTES, Arch, GiB, PlanInputs, arch_from_hf_config, plan_memory
 from pipelines.plan.step_time import flops_per_token, gpu_spec, load_catalogue, plan_time
@@ -360,16 +361,16 @@ def test_every_k_checkpointing_sits_between_none_and_all_in_memory_and_flops():
 
 
 def test_auto_checkpointing_picks_the_fastest_setting_that_fits_each_budget():
-    from pipelines.plan.levers import AUTO_HEADROOM, config_setting, fastest_fitting_checkpointing
+    from pipelines.plan.levers import AUTO_HEADROOM, config_setting, fastest_fitting
 
     p = PlanInputs(LLAMA31_8B, quantization="none", seq_len=2048, micro_batch=4)
     totals = {k: plan_memory(p.with_(gradient_checkpointing=k > 0, checkpoint_every=max(k, 1))).total / AUTO_HEADROOM
               for k in (0, 1, 2, 4)}  # the budgets at which each setting just fits
     assert totals[0] > totals[4] > totals[2] > totals[1]
-    assert config_setting(fastest_fitting_checkpointing(p, totals[0] * 1.01)) == ("none", 1)
-    assert config_setting(fastest_fitting_checkpointing(p, totals[1] * 1.01)) == ("all", 1)
-    assert config_setting(fastest_fitting_checkpointing(p, totals[1] * 0.5)) == ("all", 1)  # nothing fits
-    middle = fastest_fitting_checkpointing(p, (totals[0] + totals[1]) / 2)
+    assert config_setting(fastest_fitting(p, totals[0] * 1.01)) == ("none", 1)
+    assert config_setting(fastest_fitting(p, totals[1] * 1.01)) == ("all", 1)
+    assert config_setting(fastest_fitting(p, totals[1] * 0.5)) == ("all", 1)  # nothing fits
+    middle = fastest_fitting(p, (totals[0] + totals[1]) / 2)
     mode, k = config_setting(middle)
     assert mode == "every_k" and 1 < k < 32
     assert plan_memory(middle).total / AUTO_HEADROOM <= (totals[0] + totals[1]) / 2
@@ -383,7 +384,7 @@ def test_config_auto_checkpointing_follows_the_gpu():
     from pipelines.plan.auto import resolve_activation_checkpointing
 
     cfg = load_config(PRESET_8B, ["model.activation_checkpointing=auto", "scaling.num_workers=1", "deepspeed.stage=2",
-                                  "model.quant_storage=null"])
+                                  "model.quant_storage=null", "train.micro_batch_size=2"])
     assert resolve_activation_checkpointing(cfg, budget=200 * GiB) == ("none", 1)
     assert resolve_activation_checkpointing(cfg, budget=12 * GiB) == ("all", 1)
     # 8B QLoRA, 2 x 2048 tokens: 48 GiB without checkpointing, 15 GiB with every layer checkpointed.
@@ -394,6 +395,79 @@ def test_config_auto_checkpointing_follows_the_gpu():
     fixed = load_config(PRESET_8B, ["model.activation_checkpointing=every_k", "model.checkpoint_every_k=4"])
     assert resolve_activation_checkpointing(fixed) == ("every_k", 4)
     assert plan_for_config(fixed).inputs.checkpointed_layers() == 8
+
+
+def test_auto_micro_batch_is_the_largest_divisor_that_fits_after_checkpointing():
+    from pipelines.plan.levers import AUTO_HEADROOM, config_setting, fastest_fitting
+
+    p = PlanInputs(LLAMA31_8B, quantization="nf4", seq_len=2048, keeps_logits=False)
+
+    def need(micro: int, ckpt: str) -> float:  # the budget at which (micro, ckpt) just fits
+        fields = {"none": {}, "all": {"gradient_checkpointing": True}}[ckpt]
+        return plan_memory(p.with_(micro_batch=micro, grad_accum=8 // micro, **fields)).total / AUTO_HEADROOM
+
+    assert need(1, "none") < need(2, "none") < need(4, "none") < need(8, "none")
+    for micro in (8, 4, 2, 1):  # without checkpointing: exactly the largest micro batch that fits
+        chosen = fastest_fitting(p, need(micro, "none") * 1.001, batch_per_worker=8)
+        assert (chosen.micro_batch, chosen.grad_accum, config_setting(chosen)) == (micro, 8 // micro, ("none", 1))
+    # Between "micro 1 without checkpointing" and "micro 8 with every layer": checkpointing is dropped
+    # first (a third of the FLOPs), then the micro batch is the largest that still fits.
+    budget = need(1, "none") * 0.98
+    chosen = fastest_fitting(p, budget, batch_per_worker=8)
+    assert chosen.checkpointed_layers() > 0 and chosen.micro_batch * chosen.grad_accum == 8
+    assert plan_memory(chosen).total <= AUTO_HEADROOM * budget
+    if chosen.micro_batch < 8:
+        bigger = 2 * chosen.micro_batch
+        assert plan_memory(chosen.with_(micro_batch=bigger, grad_accum=8 // bigger)).total > AUTO_HEADROOM * budget
+    # Nothing fits: every layer recomputed, one example at a time (the verdict then refuses).
+    frugal = fastest_fitting(p, 1 * GiB, batch_per_worker=8)
+    assert (frugal.micro_batch, frugal.grad_accum, frugal.checkpointed_layers()) == (1, 8, 32)
+    # The chunked loss is planned per candidate: 4 x 2048 tokens in 1,024-token chunks.
+    chunked = fastest_fitting(p, 1e15, checkpointing=False, batch_per_worker=4, chunk_tokens=1024)
+    assert (chunked.micro_batch, chunked.loss_chunks) == (4, 8)
+
+
+@pytest.mark.parametrize("gpu, micro, checkpointed", [("h100", 2, False), ("h200", 4, False), ("a100-40g", 1, False),
+                                                           ("l4", 1, True)])
+def test_config_auto_micro_batch_follows_the_gpu_kind_and_keeps_the_global_batch(gpu, micro, checkpointed):
+    from pipelines.plan.auto import with_auto_micro_batch
+
+    cfg = load_config(PRESET_8B, [f"scaling.gpu_kind={gpu}"])
+    assert cfg.train.micro_batch_size == "auto" and cfg.global_batch_size() == 64 and cfg.train.grad_accum is None
+    fixed = with_auto_micro_batch(cfg)
+    assert (fixed.train.micro_batch_size, fixed.train.grad_accum) == (micro, 8 // micro)
+    assert fixed.global_batch_size() == 64
+    plan = plan_for_config(fixed)
+    assert plan.fits and plan.inputs.micro_batch == micro
+    assert (plan.inputs.checkpointed_layers() > 0) == checkpointed
+    # What the driver hands the workers validates as it is (dumped and loaded again).
+    assert PipelineConfig.model_validate(fixed.model_dump(mode="json")).train == fixed.train
+    # A config without auto is left as written.
+    assert with_auto_micro_batch(fixed) is fixed
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.micro_batch_size=auto"], "train.micro_batch_size=auto needs train.global_batch_size"),
+    (["train.micro_batch_size=auto", "train.global_batch_size=16"],
+     "train.grad_accum=1 is chosen with the micro batch when train.micro_batch_size=auto: remove it"),
+    (["train.global_batch_size=15"], "train.global_batch_size=15 must be a multiple of scaling.num_workers=2"),
+    (["train.global_batch_size=20"], "train.global_batch_size=20 is 10 per worker over 2 workers, not a multiple of "
+                                     "train.micro_batch_size=8"),
+    (["train.global_batch_size=32", "train.grad_accum=3"], "train.grad_accum=3 disagrees with train.global_batch_size=32"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size"),
+    (["scaling.gpu_kind=h900"], "'h900' is not in configs/gpus/catalogue.yaml; known: h100, h200"),
+])
+def test_batch_settings_refused_in_one_line(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_global_batch_size_sets_grad_accum():
+    cfg = load_config(TINY, ["train.global_batch_size=64", "train.grad_accum=null"])
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.global_batch_size()) == (8, 4, 64)
+    assert load_config(TINY, ["train.global_batch_size=64", "train.grad_accum=4"]).train.grad_accum == 4
+    assert load_config(TINY, ["train.grad_accum=null"]).train.grad_accum == 1  # neither given: one micro batch
 
 
 def test_chunked_loss_knob_and_its_memory():
