@@ -14,6 +14,10 @@ weights before each, so every configuration's first loss is on the same weights 
   compile       torch.compile of the model, last (its compile time is not in the timed steps)
   product, product_chunked   lorapipe's own step: pipelines.train.worker build_model + build_engine
                 (DeepSpeed ZeRO-2, world size 1, no Ray) + lora.loss.training_loss; `ratio_to_bare`
+  product_auto  the product step with what the plan picks for this GPU (the catalogue entry matching
+                its name and memory): micro_batch_size=auto out of --auto-batch examples per step,
+                activation_checkpointing=auto, chunked loss; it steps its own batches (micro x seq),
+                so its loss is not compared with bare's
 
     python bench/gpu_levers.py --sizes 8b --modes lora,qlora --seq 2048 --batch 2   # one H100/H200
     python bench/gpu_levers.py --sizes tiny --modes lora --seq 32 --batch 1 --steps 2 --warmup 1   # CPU
@@ -48,10 +52,11 @@ LEVERS = {  # name -> changes from the bare loop
     "compile": {"compile": True, "loss": "chunked"},
     "liger_kernels": {"liger_kernels": True, "loss": "best"},  # patches the model in place: after the others
     "product": {"path": "product"}, "product_chunked": {"path": "product", "loss": "chunked"},
+    "product_auto": {"path": "product", "loss": "chunked", "ckpt": "auto", "micro": "auto"},
 }
 GROUP_RESERVE_S = 120  # what a (size, mode) group still to come keeps of the budget (8B QLoRA: ~2 min)
-DEFAULTS = {"path": "bare", "loss": "plain", "ckpt": "none", "fused_adamw": True, "sdpa": "default",
-            "compile": False, "liger_kernels": False}
+DEFAULTS = {"path": "bare", "loss": "plain", "ckpt": "none", "every_k": 2, "micro": None, "fused_adamw": True,
+            "sdpa": "default", "compile": False, "liger_kernels": False}
 
 
 def skip_reason(lever: dict, cuda: bool) -> str | None:
@@ -112,26 +117,60 @@ def bare_step(model, lever: dict, device):
     return step
 
 
+def product_config(mode: str, lever: dict, args, device, model_dir: str):
+    """The run config the product path trains with; `auto` levers as a user would write them."""
+    from pipelines.config.schema import PipelineConfig
+
+    auto = lever["micro"] == "auto"
+    batch = {"micro_batch_size": "auto", "global_batch_size": args.auto_batch} if auto else \
+        {"micro_batch_size": lever["micro"] or args.batch}
+    return PipelineConfig.model_validate({
+        "model": {"path": model_dir, "dtype": "bf16" if device.type == "cuda" else "fp32",
+                  "quantization": "nf4" if mode == "qlora" else "none",
+                  "activation_checkpointing": lever["ckpt"], "checkpoint_every_k": lever["every_k"]},
+        "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout},
+        "data": {"path": "builtin:demo-tasks", "max_seq_len": args.seq},
+        "train": {**batch, "max_steps": 1000, "eval_every": 1000, "lr": 1e-4,
+                  "loss": "plain" if lever["loss"] == "plain" else "chunked"},
+        "deepspeed": {"stage": 2},
+        "scaling": {"num_workers": 1, "use_gpu": device.type == "cuda", "gpu_kind": catalogue_gpu(device)},
+        "mlflow": {"enabled": False}})
+
+
+def catalogue_gpu(device) -> str | None:
+    """The configs/gpus/catalogue.yaml entry for this GPU: its name in the device's, the nearest memory."""
+    if device.type != "cuda":
+        return None
+    from pipelines.plan.step_time import load_catalogue
+
+    info = gs.device_info(device)
+    name, gib = info["name"].lower().replace(" ", ""), info["total_memory_bytes"] / 2**30
+    named = [g for g in load_catalogue().gpus.values() if g.memory_gib and g.name.split("-")[0] in name]
+    return min(named, key=lambda g: abs(g.memory_gib - gib)).name if named else None
+
+
+def planned_auto_lever(mode: str, lever: dict, args, device, model_dir: str) -> dict:
+    """`lever` with the plan's micro batch (the driver's choice) and checkpointing (the worker's, for
+    this device's memory) in place of `auto`, as a run of lorapipe would train."""
+    from pipelines.plan.auto import resolve_activation_checkpointing, with_auto_micro_batch
+    from pipelines.train.worker import device_memory_bytes
+
+    cfg = with_auto_micro_batch(product_config(mode, lever, args, device, model_dir))
+    ckpt, every = resolve_activation_checkpointing(cfg, device_memory_bytes(device))
+    return {**lever, "micro": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum, "ckpt": ckpt,
+            "every_k": every, "gpu_kind": cfg.scaling.gpu_kind}
+
+
 def product_step(size: str, mode: str, lever: dict, args, device, model_dir: str):
     """lorapipe's own step: the worker's build_model and build_engine (DeepSpeed), its loss call."""
     import torch
 
     from lora.loss import training_loss
-    from pipelines.config.schema import PipelineConfig
     from pipelines.train.worker import build_engine, build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29541"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    cfg = PipelineConfig.model_validate({
-        "model": {"path": model_dir, "dtype": dtype, "quantization": "nf4" if mode == "qlora" else "none",
-                  "activation_checkpointing": lever["ckpt"], "checkpoint_every_k": 2},
-        "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout},
-        "data": {"path": "builtin:demo-tasks", "max_seq_len": args.seq},
-        "train": {"micro_batch_size": args.batch, "max_steps": 1000, "eval_every": 1000, "lr": 1e-4,
-                  "loss": "plain" if lever["loss"] == "plain" else "chunked"},
-        "deepspeed": {"stage": 2}, "scaling": {"num_workers": 1, "use_gpu": device.type == "cuda"},
-        "mlflow": {"enabled": False}})
+    cfg = product_config(mode, lever, args, device, model_dir)
     torch.manual_seed(0)
     model, _ = build_model(cfg, device)
     engine = build_engine(cfg, model)
@@ -155,10 +194,11 @@ def measure(step, batches, args, device, flops: dict, tflops) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     times, losses = gs.time_steps(step, batches, args.warmup, device)
-    tps = [args.batch * args.seq / t for t in times]
+    tps = [batches[0].numel() / t for t in times]
     mfu = (lambda f: statistics.median(tps) * f / (tflops * 1e12)) if tflops else (lambda f: None)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return {"status": "ok", "seconds": round(time.perf_counter() - t0, 2), "tokens_per_s": gs.stats(tps),
+    return {"status": "ok", "seconds": round(time.perf_counter() - t0, 2), "micro_batch": batches[0].shape[0],
+            "tokens_per_s": gs.stats(tps),
             "step_time_s": gs.stats(times), "mfu": mfu(flops["total"]), "mfu_dense_only": mfu(flops["dense_4n"]),
             "peak_allocated_bytes": peak, "peak_allocated_gib": peak / 2**30 if peak else None,
             "loss": {"first": losses[0], "last": losses[-1], "finite": all(math.isfinite(x) for x in losses)}}
@@ -170,11 +210,12 @@ def planned_peak(size: str, mode: str, lever: dict, args) -> float:
     from pipelines.plan.memory import PlanInputs, arch_from_hf_config, plan_memory
 
     kind = "plain" if lever["loss"] == "plain" else "chunked"
+    micro = lever["micro"] or args.batch
     p = PlanInputs(arch_from_hf_config(gs.SHAPES[size]), quantization="nf4" if mode == "qlora" else "none",
-                   lora_r=args.rank, lora_dropout=args.dropout, seq_len=args.seq, micro_batch=args.batch,
+                   lora_r=args.rank, lora_dropout=args.dropout, seq_len=args.seq, micro_batch=micro,
                    precision="mixed" if lever["path"] == "product" else "fp32-adapter", keeps_logits=False,
-                   loss_chunks=loss_chunks(kind, 1024, args.seq * args.batch),
-                   **checkpointing_fields(lever["ckpt"], 2))
+                   loss_chunks=loss_chunks(kind, 1024, args.seq * micro),
+                   **checkpointing_fields(lever["ckpt"], lever["every_k"]))
     return plan_memory(p).allocated_peak
 
 
@@ -265,14 +306,19 @@ def run_group(size: str, mode: str, names: list[str], args, emit) -> None:
     if product:
         with saved_base(cfg, device, n) as model_dir:
             for name in product:
-                held = {}
+                held, lever, steps = {}, levers[name], batches
+                if lever["micro"] == "auto":
+                    lever = planned_auto_lever(mode, lever, args, device, model_dir)
+                    g = torch.Generator(device=device).manual_seed(1)
+                    steps = [torch.randint(0, cfg.vocab_size, (lever["micro"], args.seq), device=device, generator=g)
+                             for _ in range(args.warmup + args.steps)]
                 torch.manual_seed(0)
 
-                def make(lever=levers[name]):
+                def make(lever=lever):
                     step, held["engine"] = product_step(size, mode, lever, args, device, model_dir)
                     return step
 
-                emit(run_one(name, levers[name], make, size, mode, args, device, batches, flops, tflops))
+                emit(run_one(name, lever, make, size, mode, args, device, steps, flops, tflops))
                 held.clear()
 
 
@@ -318,8 +364,9 @@ def add_ratios(configs: list[dict]) -> None:
         ref = ok.get((size, mode, "chunked" if name == "product_chunked" else "bare"))
         if ref:
             c["ratio_to_bare"] = c["tokens_per_s"]["median"] / ref["tokens_per_s"]["median"]
-            c["loss_first_minus_bare"] = c["loss"]["first"] - ok[(size, mode, "bare")]["loss"]["first"] \
-                if (size, mode, "bare") in ok else None
+            bare = ok.get((size, mode, "bare"))
+            same_batch = bare is not None and bare["micro_batch"] == c["micro_batch"]  # product_auto's may differ
+            c["loss_first_minus_bare"] = c["loss"]["first"] - bare["loss"]["first"] if same_batch else None
 
 
 def parse_args(argv):
@@ -329,6 +376,8 @@ def parse_args(argv):
     p.add_argument("--configs", default=",".join(LEVERS), help="comma list of " + ", ".join(LEVERS))
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--auto-batch", type=int, default=8, help="product_auto: examples per optimizer step, the "
+                   "micro batch the plan picks among its divisors")
     p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
@@ -345,7 +394,7 @@ def parse_args(argv):
           [x for x in a.configs if x not in LEVERS]
     if bad:
         p.exit(2, f"gpu_levers: unknown size, mode or config {bad}\n")
-    a.passthrough = ["--seq", str(a.seq), "--batch", str(a.batch),
+    a.passthrough = ["--seq", str(a.seq), "--batch", str(a.batch), "--auto-batch", str(a.auto_batch),
                      "--steps", str(a.steps), "--warmup", str(a.warmup), "--rank", str(a.rank),
                      "--alpha", str(a.alpha), "--dropout", str(a.dropout)]
     if a.peak_tflops is not None:

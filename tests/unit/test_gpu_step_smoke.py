@@ -115,8 +115,8 @@ def test_gpu_levers_tiny_on_cpu_measures_levers_product_and_parity(tmp_path):
     out = tmp_path / "levers.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, str(LEVERS_SCRIPT), "--sizes", "tiny", "--modes", "lora", "--seq", "32", "--batch", "2",
-           "--steps", "2", "--warmup", "1", "--configs", "bare,chunked,sdpa_flash,product,product_chunked",
-           "--out", str(out)]
+           "--steps", "2", "--warmup", "1", "--configs", "bare,chunked,sdpa_flash,product,product_chunked,product_auto",
+           "--auto-batch", "6", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -139,6 +139,12 @@ def test_gpu_levers_tiny_on_cpu_measures_levers_product_and_parity(tmp_path):
     assert abs(pc["loss"]["first"] - p["loss"]["first"]) <= 1e-5
     assert p["ratio_to_bare"] > 0 and pc["ratio_to_bare"] > 0
     assert abs(p["loss"]["first"] - got["bare"]["loss"]["first"]) <= 1e-2  # fp32 engine vs the bf16 bare base
+    # The plan's picks, as a run would make them: on a CPU worker's RAM share all 6 examples fit in one
+    # micro batch, without checkpointing; its batches are its own, so no loss comparison with bare.
+    auto = got["product_auto"]
+    assert auto["status"] == "ok" and auto["micro_batch"] == auto["levers"]["micro"] == 6, auto
+    assert (auto["levers"]["grad_accum"], auto["levers"]["ckpt"]) == (1, "none")
+    assert auto["loss_first_minus_bare"] is None and auto["tokens_per_s"]["median"] > 0
 
 
 def test_gpu_levers_unknown_config_is_a_one_line_error():
