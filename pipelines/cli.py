@@ -43,7 +43,7 @@ def cmd_validate(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
-    accum = "the rest (chosen with the micro batch by the plan at start)" if cfg.train.grad_accum is None else \
+    accum = "to match (the plan picks the micro batch when the run starts)" if cfg.train.grad_accum is None else \
         cfg.train.grad_accum
     print(f"# global batch size: {cfg.global_batch_size()} "
           f"(micro_batch_size {cfg.train.micro_batch_size} x grad_accum {accum} x workers {cfg.scaling.num_workers})")
