@@ -430,7 +430,8 @@ class PipelineConfig(Section):
         accum = g // n // t.micro_batch_size
         if t.grad_accum is not None and t.grad_accum != accum:
             raise ValueError(f"train.grad_accum={t.grad_accum} disagrees with train.global_batch_size={g} = "
-                             f"micro_batch_size {t.micro_batch_size} x grad_accum {accum} x workers {n}: give one of them")
+                             f"micro_batch_size {t.micro_batch_size} x grad_accum {accum} x workers {n}: give one of them "
+                             "(train.grad_accum=null derives it)")
         t.grad_accum = accum
 
     def _check_rank_by(self) -> None:
